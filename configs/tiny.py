@@ -27,7 +27,7 @@ def get_config(arg=None):
       eval_split='test',
       image_key='image',
       caption_key='caption',
-      image_size=32,             # images are resized to this (square) size
+      image_size=64,             # default size; a stage may set its own image_size
       worker_count=0,            # grain worker processes (0 = in the main process)
       # captioned_shapes generation (ignored by other datasets)
       shapes=dict(seed=0, num_train=512, num_test=128, num_heldout=128),
@@ -67,6 +67,7 @@ def get_config(arg=None):
     )
 
   c.clip = stage('clip', steps=4, batch_size=16, lr=1e-3)
+  c.clip.image_size = 32
   c.clip.model = dict(
       embed_dim=32,
       text=dict(width=32, depth=1, heads=2, vocab_size=49408, activation='quick_gelu'),
@@ -84,6 +85,7 @@ def get_config(arg=None):
 
   c.decoder = stage('decoder', steps=4, batch_size=8, lr=1e-3)
   c.decoder.clip_checkpoint = ''
+  c.decoder.image_size = 32
   c.decoder.model = dict(
       channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
       head_channels=8, dropout=0.0, num_clip_tokens=4, text_encoder='clip',
