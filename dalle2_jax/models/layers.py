@@ -1,0 +1,260 @@
+"""Transformer building blocks shared by CLIP, the diffusion prior and the decoder.
+
+Everything here is a small pure Linen module (no I/O, no globals):
+
+  MultiHeadAttention  self-attention with an optional causal mask, an optional key padding
+                      mask and optional extra context tokens (GLIDE style: the context is
+                      projected to keys/values of its own and put in front of the sequence's
+                      keys/values, so every query can attend to it)
+  Mlp                 fc1 -> activation ('quick_gelu', 'gelu', 'gelu_tanh', 'relu') -> fc2
+  ResidualBlock       pre-LayerNorm block: x + attn(ln_1(x)); x + mlp(ln_2(x))
+  Transformer         a stack of ResidualBlocks, `layers_0 ... layers_{depth-1}`, with
+                      optional rematerialisation (`remat=True`)
+
+Shapes: activations are [batch, length, width] ('batch', 'length', 'embed'). Params carry
+logical axis names ('embed', 'mlp', 'heads', 'kv') that the engine maps to mesh axes:
+
+  attn/query|key|value   kernel [width, heads, head_dim] ('embed', 'heads', 'kv'),
+                         bias [heads, head_dim] ('heads', 'kv')
+  attn/out               kernel [heads, head_dim, width] ('heads', 'kv', 'embed'), bias [width]
+  mlp/fc1, mlp/fc2       kernel [width, mlp] / [mlp, width], biases [mlp] / [width]
+  ln_1, ln_2             scale, bias [width] ('embed',)
+
+Attention logits and softmax are computed in float32 whatever `dtype` is; masked logits
+are set to the most negative float32, so a fully masked row gives a uniform (not NaN)
+distribution.
+
+Masks are booleans, True = may attend. `mask` is either a key padding mask [B, Lk] or a
+full mask broadcastable to [B, heads, Lq, Lk]; it is combined (logical and) with the causal
+mask when `causal=True`. A context's own mask (`context_mask`, [B, Lc]) is never causal.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Array = jax.Array
+
+
+def quick_gelu(x: Array) -> Array:
+  """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    'quick_gelu': quick_gelu,
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),   # exact (erf), as torch/HF
+    'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),
+    'relu': jax.nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f'Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)} '
+                     '(config field `activation`).')
+  return ACTIVATIONS[name]
+
+
+def dense_init(std: float | None = None):
+  """Kernel initializer: normal(std) if std is given, else lecun normal (fan-in)."""
+  if std is None:
+    return nn.initializers.lecun_normal()
+  return nn.initializers.normal(stddev=std)
+
+
+def causal_mask(length: int) -> Array:
+  """[1, 1, L, L] bool, True on and below the diagonal."""
+  return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+
+
+def _as_full_mask(mask: Array | None, q_len: int) -> Array | None:
+  """A [B, Lk] key mask or a full mask -> a mask broadcastable to [B, H, Lq, Lk]."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask, jnp.bool_)
+  if mask.ndim == 2:
+    return mask[:, None, None, :]
+  if mask.ndim == 4:
+    return mask
+  raise ValueError(f'Attention mask must be [B, Lk] or [B, H|1, Lq, Lk], got {mask.shape}.')
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  return functools.reduce(jnp.logical_and, masks)
+
+
+def LayerNorm(epsilon: float = 1e-5, dtype: Dtype = jnp.float32,  # pylint: disable=invalid-name
+              param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+  """nn.LayerNorm over the last axis with logically partitioned scale and bias ('embed',)."""
+  return nn.LayerNorm(
+      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product self-attention, optionally also attending to a context.
+
+  Attributes:
+    num_heads: number of heads.
+    head_dim: size of each head; default width // num_heads.
+    out_features: output width; default the input width.
+    use_bias: biases on the q/k/v/out projections.
+    causal: apply a causal mask over the sequence's own keys.
+    kernel_std: std of the normal kernel init (None = lecun normal).
+  """
+  num_heads: int
+  head_dim: int | None = None
+  out_features: int | None = None
+  use_bias: bool = True
+  causal: bool = False
+  kernel_std: float | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _proj(self, name: str, head_dim: int) -> nn.DenseGeneral:
+    return nn.DenseGeneral(
+        features=(self.num_heads, head_dim), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(dense_init(self.kernel_std),
+                                                 ('embed', 'heads', 'kv')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'kv')))
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, context: Array | None = None,
+               context_mask: Array | None = None) -> Array:
+    """x: [B, L, W]; mask: [B, L] or [B, H|1, L, L]; context: [B, Lc, Wc]; -> [B, L, W_out]."""
+    width = x.shape[-1]
+    if self.head_dim is None and width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by heads {self.num_heads}.')
+    head_dim = self.head_dim or width // self.num_heads
+    x = x.astype(self.dtype)
+    q_len = x.shape[1]
+    q = self._proj('query', head_dim)(x)
+    k = self._proj('key', head_dim)(x)
+    v = self._proj('value', head_dim)(x)
+    mask = combine_masks(_as_full_mask(mask, q_len),
+                         causal_mask(q_len) if self.causal else None)
+    if context is not None:
+      context = context.astype(self.dtype)
+      ck = self._proj('context_key', head_dim)(context)
+      cv = self._proj('context_value', head_dim)(context)
+      k = jnp.concatenate([ck, k], axis=1)
+      v = jnp.concatenate([cv, v], axis=1)
+      if mask is not None or context_mask is not None:
+        b, lc = context.shape[0], context.shape[1]
+        cmask = (jnp.ones((b, 1, 1, lc), jnp.bool_) if context_mask is None
+                 else _as_full_mask(context_mask, q_len))
+        smask = jnp.ones((b, 1, 1, q_len), jnp.bool_) if mask is None else mask
+        shape = jnp.broadcast_shapes(cmask.shape[:-1], smask.shape[:-1])
+        mask = jnp.concatenate([jnp.broadcast_to(cmask, shape + (lc,)),
+                                jnp.broadcast_to(smask, shape + (q_len,))], axis=-1)
+
+    scale = head_dim ** -0.5
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32) * scale,
+                        k.astype(jnp.float32))
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    return nn.DenseGeneral(
+        features=self.out_features or width, axis=(-2, -1), use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='out',
+        kernel_init=nn.with_logical_partitioning(dense_init(self.kernel_std),
+                                                 ('heads', 'kv', 'embed')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(out)
+
+
+class Mlp(nn.Module):
+  """fc1 -> activation -> fc2. `mlp_dim` hidden units; output width = input width."""
+  mlp_dim: int
+  activation: str = 'gelu'
+  kernel_std: float | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    width = x.shape[-1]
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.mlp_dim, name='fc1',
+              kernel_init=nn.with_logical_partitioning(dense_init(self.kernel_std),
+                                                       ('embed', 'mlp')),
+              bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('mlp',)))(x)
+    h = get_activation(self.activation)(h)
+    return dense(width, name='fc2',
+                 kernel_init=nn.with_logical_partitioning(dense_init(self.kernel_std),
+                                                          ('mlp', 'embed')),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(h)
+
+
+class ResidualBlock(nn.Module):
+  """Pre-LayerNorm transformer block: x += attn(ln_1(x)); x += mlp(ln_2(x))."""
+  num_heads: int
+  mlp_dim: int
+  activation: str = 'gelu'
+  causal: bool = False
+  layer_norm_eps: float = 1e-5
+  kernel_std: float | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, context: Array | None = None,
+               context_mask: Array | None = None) -> Array:
+    ln = functools.partial(LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+    h = ln(name='ln_1')(x)
+    x = x + MultiHeadAttention(
+        num_heads=self.num_heads, causal=self.causal, kernel_std=self.kernel_std,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
+            h, mask=mask, context=context, context_mask=context_mask)
+    h = ln(name='ln_2')(x)
+    return x + Mlp(mlp_dim=self.mlp_dim, activation=self.activation,
+                   kernel_std=self.kernel_std, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name='mlp')(h)
+
+
+class Transformer(nn.Module):
+  """`depth` pre-LN ResidualBlocks named layers_0 ... (no final LayerNorm; callers add one).
+
+  Attributes:
+    width: not a parameter of the modules (taken from the input), checked against it.
+    mlp_dim: hidden units of each MLP; default 4 * width.
+    remat: rematerialise each block in the backward pass (saves activation memory).
+  """
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int | None = None
+  activation: str = 'gelu'
+  causal: bool = False
+  layer_norm_eps: float = 1e-5
+  kernel_std: float | None = None
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, context: Array | None = None,
+               context_mask: Array | None = None) -> Array:
+    if x.shape[-1] != self.width:
+      raise ValueError(f'Transformer width {self.width} != input width {x.shape[-1]}.')
+    block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
+    for i in range(self.depth):
+      x = block(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
+                activation=self.activation, causal=self.causal,
+                layer_norm_eps=self.layer_norm_eps, kernel_std=self.kernel_std,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f'layers_{i}')(
+                    x, mask, context, context_mask)
+    return x
