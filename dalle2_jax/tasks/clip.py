@@ -1,0 +1,99 @@
+"""Stage `clip`: contrastive image-text pre-training (CLIP) over the global batch.
+
+Loss: the symmetric InfoNCE of CLIP. Image and text embeddings are L2-normalised,
+logits = exp(logit_scale) (clamped at 100) * image_embeds @ text_embeds.T over the
+*global* batch, and the loss is the mean of the cross-entropies in both directions with the
+matching pair as the target. Under `jax.jit` with the batch sharded over the mesh, the
+[B, B] similarity is over the global batch: XLA gathers the (small) embeddings, so every
+device contrasts against every other device's negatives, and 1 or N devices give the same
+loss on the same global batch.
+
+Metrics: loss, logit_scale (the clamped exp), i2t_top1 / t2i_top1 (in-batch retrieval
+accuracy: image -> its caption, caption -> its image).
+
+Config (`config.clip`, see configs/tiny.py): image_size, model.embed_dim,
+model.logit_scale_init, model.text.{width, depth, heads, vocab_size, activation, ...},
+model.vision.{width, depth, heads, patch_size, activation, ...}, dtype, remat.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dalle2_jax.models import clip as clip_lib
+from dalle2_jax.tasks import base
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def _dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f'Unknown dtype {name!r}; choose one of {sorted(DTYPES)} '
+                     '(config field clip.dtype).')
+  return DTYPES[name]
+
+
+def contrastive_loss(image_embed: jax.Array, text_embed: jax.Array, scale: jax.Array
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Symmetric CLIP loss over all pairs of the (global) batch; embeddings unnormalised."""
+  img = clip_lib.l2_normalize(image_embed)
+  txt = clip_lib.l2_normalize(text_embed)
+  logits = scale * img @ txt.T                       # [B_images, B_texts], float32
+  labels = jnp.arange(logits.shape[0])
+  loss_i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  loss_t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+  loss = 0.5 * (loss_i2t + loss_t2i)
+  metrics = dict(
+      loss=loss,
+      logit_scale=scale,
+      i2t_top1=jnp.mean(jnp.argmax(logits, axis=1) == labels),
+      t2i_top1=jnp.mean(jnp.argmax(logits, axis=0) == labels),
+  )
+  return loss, metrics
+
+
+class ClipTask(base.Task):
+  """CLIP pre-training: the text and image towers and the logit scale are trained."""
+
+  name = 'clip'
+
+  def __init__(self, config, stage, workdir):
+    super().__init__(config, stage, workdir)
+    self.model_config = clip_lib.model_config_from(config, stage)
+    sc = self.stage_config
+    self._model = clip_lib.build_model(
+        self.model_config, dtype=_dtype(sc.get('dtype', 'float32')),
+        remat=bool(sc.get('remat', False)))
+
+  def model(self):
+    return self._model
+
+  def init(self, rng, batch):
+    tokens, pixels = self._inputs(batch)
+    return self._model.init(rng, tokens, pixels)['params']
+
+  def _inputs(self, batch: Mapping[str, jax.Array]):
+    for key in ('image', 'tokens'):
+      if key not in batch:
+        raise KeyError(f'The clip stage needs batch[{key!r}]; got keys {sorted(batch)}.')
+    pixels = clip_lib.preprocess_images(self.model_config, batch['image'])
+    return jnp.asarray(batch['tokens'], jnp.int32), pixels
+
+  def embed(self, params, batch):
+    """-> (image_embed, text_embed, scale) of a batch (unnormalised embeddings)."""
+    tokens, pixels = self._inputs(batch)
+    return self._model.apply({'params': params}, tokens, pixels)
+
+  def loss(self, params, batch, rng, frozen=None, train=True):
+    del rng, frozen, train   # no dropout; nothing frozen
+    image_embed, text_embed, scale = self.embed(params, batch)
+    return contrastive_loss(image_embed, text_embed, scale)
+
+  def flops_per_example(self) -> float:
+    return clip_lib.flops_per_example(
+        self.model_config, batch_size=int(self.stage_config.batch_size),
+        text_length=int(self.config.tokenizer.context_length))

@@ -1,0 +1,135 @@
+"""Stage `clip`: global-batch contrastive loss (1 vs 8 devices), learning, FLOPs."""
+
+import time
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from configs import tiny
+from dalle2_jax.models import clip as clip_lib
+from dalle2_jax.tasks import clip as clip_task
+
+
+def tiny_config(**model):
+  c = tiny.get_config()
+  c.unlock()
+  c.tokenizer.context_length = 8
+  c.clip.model.text.vocab_size = 64
+  c.clip.model.update(model)
+  return c
+
+
+def random_batch(n, config, seed=0):
+  rng = np.random.default_rng(seed)
+  s, length = config.clip.image_size, config.tokenizer.context_length
+  tokens = rng.integers(1, 63, (n, length)).astype(np.int32)
+  ends = rng.integers(2, length, n)
+  for i, e in enumerate(ends):   # end-of-text = the top id, zero padding after it
+    tokens[i, e] = 63
+    tokens[i, e + 1:] = 0
+  image = rng.uniform(-1, 1, (n, s, s, 3)).astype(np.float32)
+  return dict(image=image, tokens=tokens)
+
+
+def reference_loss(img, txt, scale):
+  img = img / np.linalg.norm(img, axis=-1, keepdims=True)
+  txt = txt / np.linalg.norm(txt, axis=-1, keepdims=True)
+  logits = scale * img.astype(np.float64) @ txt.T
+
+  def ce(lg):
+    lg = lg - lg.max(1, keepdims=True)
+    return -np.mean(np.diag(lg) - np.log(np.exp(lg).sum(1)))
+  return 0.5 * (ce(logits) + ce(logits.T))
+
+
+def test_contrastive_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  img, txt = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+  loss, m = clip_task.contrastive_loss(jnp.asarray(img, jnp.float32),
+                                       jnp.asarray(txt, jnp.float32), jnp.float32(10.0))
+  np.testing.assert_allclose(loss, reference_loss(img, txt, 10.0), rtol=1e-5)
+  assert 0 <= m['i2t_top1'] <= 1 and 0 <= m['t2i_top1'] <= 1
+  # Perfectly aligned pairs: both retrieval directions are right.
+  _, m = clip_task.contrastive_loss(jnp.eye(4), jnp.eye(4), jnp.float32(1.0))
+  assert m['i2t_top1'] == 1 and m['t2i_top1'] == 1
+
+
+def test_same_loss_on_1_and_8_devices():
+  config = tiny_config()
+  task = clip_task.ClipTask(config, 'clip', '/tmp/unused')
+  batch = random_batch(16, config)
+  params = task.init(jax.random.PRNGKey(0), batch)
+  params = jax.tree.map(jnp.asarray, __import__('flax').linen.unbox(params))
+  # logit_scale is clamped at 100.
+  assert 1.0 < float(clip_lib.logit_scale(params)) <= 100.0
+
+  def run(devices):
+    mesh = Mesh(np.array(devices).reshape(-1, 1), ('data', 'fsdp'))
+    bs = NamedSharding(mesh, P(('data', 'fsdp')))
+    rep = NamedSharding(mesh, P())
+    sharded = {k: jax.device_put(v, bs) for k, v in batch.items()}
+    p = jax.device_put(params, rep)
+
+    def f(p, b):
+      (loss, metrics), grads = jax.value_and_grad(
+          lambda p: task.loss(p, b, jax.random.PRNGKey(0)), has_aux=True)(p)
+      return loss, metrics, grads
+    return jax.device_get(jax.jit(f)(p, sharded))
+
+  loss1, m1, g1 = run(jax.devices()[:1])
+  loss8, m8, g8 = run(jax.devices()[:8])
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  for k in m1:
+    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # The loss contrasts against the global batch: a per-device (2-pair) loss differs, and the
+  # global loss equals the numpy reference on the gathered embeddings.
+  img, txt, scale = jax.device_get(task.embed(params, batch))
+  np.testing.assert_allclose(loss1, reference_loss(img, txt, scale), rtol=1e-5)
+  local = np.mean([reference_loss(img[i:i + 2], txt[i:i + 2], scale) for i in range(0, 16, 2)])
+  assert abs(local - loss1) > 0.1
+
+
+def test_tiny_clip_learns_in_batch_retrieval():
+  config = tiny_config(embed_dim=32)
+  task = clip_task.ClipTask(config, 'clip', '/tmp/unused')
+  batch = {k: jnp.asarray(v) for k, v in random_batch(32, config, seed=1).items()}
+  params = __import__('flax').linen.unbox(task.init(jax.random.PRNGKey(0), batch))
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt):
+    (loss, m), g = jax.value_and_grad(lambda p: task.loss(p, batch, None), has_aux=True)(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), opt, m
+
+  t0 = time.time()
+  _, _, first = step(params, opt)
+  for _ in range(80):
+    params, opt, m = step(params, opt)
+  print('loss', float(first['loss']), '->', float(m['loss']), 'in', time.time() - t0, 's')
+  assert float(m['loss']) < 0.2 * float(first['loss'])
+  assert float(m['i2t_top1']) == 1.0 and float(m['t2i_top1']) == 1.0
+  assert float(m['logit_scale']) <= 100.0
+
+
+def test_flops_per_example_matches_xla_count():
+  config = tiny_config()
+  task = clip_task.ClipTask(config, 'clip', '/tmp/unused')
+  batch = random_batch(1, config)
+  params = __import__('flax').linen.unbox(task.init(jax.random.PRNGKey(0), batch))
+  pixels = clip_lib.preprocess_images(task.model_config, batch['image'])
+  fwd = jax.jit(lambda p, t, x: task.model().apply({'params': p}, t, x))
+  cost = fwd.lower(params, batch['tokens'], pixels).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  ours = clip_lib.flops_per_example(task.model_config, batch_size=1,
+                                    text_length=config.tokenizer.context_length)
+  # XLA also counts elementwise ops (LayerNorm, softmax, GELU); matmuls dominate.
+  assert 0.7 * cost['flops'] <= ours <= 1.1 * cost['flops'], (ours, cost['flops'])
+  assert task.flops_per_example() > 0
