@@ -1,0 +1,49 @@
+"""The CPU custom-gradient convolution matches XLA's autodiff (values and gradients)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dalle2_jax.models import conv
+
+
+def _loss(fn, x, w, probe):
+  return jnp.sum(jnp.tanh(fn(x, w)) * probe)
+
+
+@pytest.mark.parametrize('kernel,stride,padding,hw', [
+    (3, 1, 'SAME', 8), (3, 2, 'SAME', 8), (1, 1, 'SAME', 8), (1, 2, 'SAME', 8),
+    (3, 2, 'SAME', 7), (3, 1, 'VALID', 6), (3, 2, ((1, 1), (1, 1)), 8),
+])
+def test_custom_grad_matches_autodiff(kernel, stride, padding, hw):
+  assert conv.use_custom_grad(True)   # the tests run on CPU
+  kx, kw, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (2, hw, hw + 1, 5))
+  w = jax.random.normal(kw, (kernel, kernel, 5, 4)) * 0.3
+  custom = lambda x, w: conv.conv2d(x, w, (stride, stride), padding, custom_grad=True)
+  xla = lambda x, w: conv.conv2d(x, w, (stride, stride), padding, custom_grad=False)
+  y_c, y_x = custom(x, w), xla(x, w)
+  np.testing.assert_allclose(y_c, y_x, rtol=1e-6, atol=1e-6)
+  probe = jax.random.normal(kp, y_x.shape)
+  g_c = jax.jit(jax.grad(lambda x, w: _loss(custom, x, w, probe), (0, 1)))(x, w)
+  g_x = jax.jit(jax.grad(lambda x, w: _loss(xla, x, w, probe), (0, 1)))(x, w)
+  for a, b in zip(g_c, g_x):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_module_grads_and_axes():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  layers = {c: conv.Conv(6, (3, 3), (2, 2), custom_grad=c) for c in (True, False)}
+  params = layers[True].init(jax.random.PRNGKey(2), x)
+  assert params['params']['kernel'].names == (None, None, 'conv_in', 'conv_out')
+  grads = {c: jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(params)
+           for c, layer in layers.items()}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               grads[True], grads[False])
+
+
+def test_bad_channels_error():
+  with pytest.raises(ValueError, match='channels'):
+    conv.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 4)))
