@@ -1,0 +1,182 @@
+r"""Zero-shot attribute classification on captioned_shapes with a CLIP.
+
+  python -m dalle2_jax.evaluation.zero_shot --workdir runs/shapes   # uses runs/shapes/clip/export
+  python -m dalle2_jax.evaluation.zero_shot --clip EXPORT_DIR --splits test,heldout
+
+Every single-object image of the `test` and `heldout` splits is classified by its colour,
+shape, size and position using prompts only (no training on labels): each of the
+3 x 6 x 2 x 9 = 324 attribute combinations is written with the dataset's own full-caption
+templates ("a large red circle in the top left", "there is a small blue square at the
+bottom", ...); the text embeddings of a combination's templates are averaged (prompt
+ensembling). An attribute's score is the log-sum-exp of the image's CLIP logits over every
+combination with that attribute value (its marginal under CLIP's softmax); the prediction is
+the best-scoring value. Reports accuracy per attribute and for all four at once.
+
+Two-object images are skipped (an attribute is ambiguous there); `heldout` images hold a
+(colour, shape) pair that never appears in training, so its accuracy measures compositional
+generalisation of the text tower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle2_jax.data import captioned_shapes as cs
+from dalle2_jax.models import clip as clip_lib
+
+ATTRIBUTES = ('colour', 'shape', 'size', 'position')
+NUM_VALUES = dict(colour=len(cs.COLOUR_NAMES), shape=len(cs.SHAPES), size=len(cs.SIZES),
+                  position=9)
+NUM_POS_TEMPLATES = 5   # the dataset's templates of a caption naming the position
+
+
+def attribute_prompts(num_templates: int = NUM_POS_TEMPLATES):
+  """All full single-object prompts -> (captions [C*T], attributes [C, 4] in ATTRIBUTES order).
+
+  Caption c * num_templates + t is combination c written with template t.
+  """
+  captions, attrs = [], []
+  for shape in range(len(cs.SHAPES)):
+    for colour in range(len(cs.COLOUR_NAMES)):
+      for size in range(len(cs.SIZES)):
+        for pos in range(9):
+          objects = np.full((2, 5), -1, np.int32)
+          objects[0] = (shape, colour, size, pos // 3, pos % 3)
+          attrs.append((colour, shape, size, pos))
+          for t in range(num_templates):
+            captions.append(cs.caption_of(dict(
+                objects=objects, names=np.ones(4, bool), template=t, num_objects=1,
+                relation=-1)))
+  return captions, np.asarray(attrs, np.int32)
+
+
+def image_attributes(objects: np.ndarray) -> np.ndarray:
+  """objects [N, 2, 5] (shape, colour, size, row, col) -> [N, 4] in ATTRIBUTES order."""
+  o = np.asarray(objects)[:, 0]
+  return np.stack([o[:, cs.COLOUR], o[:, cs.SHAPE], o[:, cs.SIZE],
+                   o[:, cs.ROW] * 3 + o[:, cs.COL]], axis=1).astype(np.int32)
+
+
+def _batched(fn, x, batch_size):
+  return np.concatenate([np.asarray(fn(x[i:i + batch_size]))
+                         for i in range(0, len(x), batch_size)], axis=0)
+
+
+def prompt_embeddings(frozen: clip_lib.FrozenClip, tokenizer, batch_size: int = 256):
+  """-> (class embeddings [324, D] unit norm, attributes [324, 4])."""
+  captions, attrs = attribute_prompts()
+  tokens = tokenizer(captions)
+  fn = jax.jit(lambda p, t: clip_lib.encode_text(frozen.config, p, t)[0])
+  emb = _batched(lambda t: fn(frozen.params, t), tokens, batch_size)
+  emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+  emb = emb.reshape(len(attrs), NUM_POS_TEMPLATES, -1).mean(1)
+  return emb / np.linalg.norm(emb, axis=-1, keepdims=True), attrs
+
+
+def image_embeddings(frozen: clip_lib.FrozenClip, images_uint8: np.ndarray,
+                     batch_size: int = 256) -> np.ndarray:
+  """uint8 images [N, H, W, 3] -> unit-norm image embeddings [N, D]."""
+  fn = jax.jit(lambda p, x: clip_lib.encode_image(
+      frozen.config, p, x.astype(jnp.float32) / 127.5 - 1.0))
+  emb = _batched(lambda x: fn(frozen.params, x), np.asarray(images_uint8), batch_size)
+  return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+
+
+def classify(image_embeds: np.ndarray, class_embeds: np.ndarray, class_attrs: np.ndarray,
+             scale: float) -> np.ndarray:
+  """Marginal zero-shot prediction per attribute: [N, 4] in ATTRIBUTES order."""
+  logits = scale * np.asarray(image_embeds, np.float64) @ np.asarray(class_embeds, np.float64).T
+  preds = []
+  for a, name in enumerate(ATTRIBUTES):
+    scores = np.full((logits.shape[0], NUM_VALUES[name]), -np.inf)
+    for v in range(NUM_VALUES[name]):
+      sel = logits[:, class_attrs[:, a] == v]
+      m = sel.max(1, keepdims=True)
+      scores[:, v] = (m + np.log(np.exp(sel - m).sum(1, keepdims=True)))[:, 0]
+    preds.append(scores.argmax(1))
+  return np.stack(preds, axis=1)
+
+
+def accuracy(preds: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+  out = {name: float(np.mean(preds[:, a] == truth[:, a])) for a, name in enumerate(ATTRIBUTES)}
+  out['all'] = float(np.mean(np.all(preds == truth, axis=1)))
+  return out
+
+
+def load_split(split: str, num: int, seed: int = 0) -> dict:
+  """Single-object examples among the first `num` of a captioned_shapes split."""
+  examples = [cs.make_example(split, i, seed) for i in range(num)]
+  examples = [e for e in examples if int(e['num_objects']) == 1]
+  return dict(image=np.stack([e['image'] for e in examples]),
+              objects=np.stack([e['objects'] for e in examples]))
+
+
+def evaluate(frozen: clip_lib.FrozenClip, tokenizer, splits: Sequence[str] = ('test', 'heldout'),
+             num: int | dict = 256, seed: int = 0) -> dict[str, dict[str, float]]:
+  """Per-split, per-attribute zero-shot accuracy (plus 'all' and 'num_images')."""
+  class_embeds, class_attrs = prompt_embeddings(frozen, tokenizer)
+  scale = float(clip_lib.logit_scale(frozen.params))
+  results = {}
+  for split in splits:
+    n = num[split] if isinstance(num, dict) else num
+    data = load_split(split, n, seed)
+    preds = classify(image_embeddings(frozen, data['image']), class_embeds, class_attrs, scale)
+    res = accuracy(preds, image_attributes(data['objects']))
+    res['num_images'] = int(len(preds))
+    results[split] = res
+  return results
+
+
+def _default_num(config, split: str) -> int:
+  shapes = config.get('data', {}).get('shapes', {}) if config is not None else {}
+  return int(shapes.get(f'num_{split}', 256) or 256)
+
+
+def format_results(results: dict) -> str:
+  lines = [f'{"split":<8} ' + ' '.join(f'{a:>9}' for a in ATTRIBUTES + ('all',)) + '   images']
+  for split, r in results.items():
+    lines.append(f'{split:<8} ' + ' '.join(f'{100 * r[a]:8.1f}%' for a in ATTRIBUTES + ('all',))
+                 + f'   {r["num_images"]}')
+  return '\n'.join(lines)
+
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Experiment workdir: its clip/export is used.')
+_CLIP = flags.DEFINE_string('clip', None, 'A CLIP export dir (overrides --workdir).')
+_SPLITS = flags.DEFINE_list('splits', ['test', 'heldout'], 'captioned_shapes splits.')
+_NUM = flags.DEFINE_integer('num', 0, 'Examples per split (two-object ones are skipped); '
+                            '0 = the config data.shapes.num_<split>.')
+_OUT = flags.DEFINE_string('out', None, 'JSON results file; default <clip export>/../'
+                           'zero_shot.json.')
+
+
+def main(argv):
+  del argv
+  if not (_CLIP.value or _WORKDIR.value):
+    raise app.UsageError('Pass --workdir DIR (uses DIR/clip/export) or --clip EXPORT_DIR.')
+  path = _CLIP.value or os.path.join(_WORKDIR.value, 'clip', 'export')
+  frozen = clip_lib.FrozenClip.load(path)
+  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  config = frozen.experiment_config
+  tok = tokenizer_lib.Tokenizer(path=frozen.tokenizer_path,
+                                context_length=frozen.context_length)
+  num = {s: _NUM.value or _default_num(config, s) for s in _SPLITS.value}
+  seed = int(config.get('data', {}).get('shapes', {}).get('seed', 0)) if config else 0
+  results = evaluate(frozen, tok, _SPLITS.value, num, seed)
+  print(format_results(results))
+  out = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(path)), 'zero_shot.json')
+  with open(out, 'w') as f:
+    json.dump(results, f, indent=2)
+  logging.info('Wrote %s', out)
+
+
+if __name__ == '__main__':
+  app.run(main)
