@@ -1,0 +1,280 @@
+"""captioned_shapes: the embedded procedurally generated text-to-image dataset.
+
+This module is the dataset's definition (see the spec, captioned_shapes.md): the palette, the
+shapes, the 3 x 3 position grid, caption templates, split rules and the renderer. It needs only
+numpy; the TFDS builder that writes it to disk lives in `dalle2_jax.data.builders`.
+
+Every example is a pure function of (split, index, seed):
+
+  ex = make_example('train', 7, seed=0)
+  ex['image']     # uint8 [64, 64, 3]
+  ex['caption']   # 'a large red circle in the top left'
+  ex['objects']   # int32 [2, 5]: per object (shape, colour, size, row, col); row 1 = -1 if absent
+  ex['num_objects'], ex['relation'], ex['names']
+
+Attribute layout (shared with `scoring`):
+  objects[i] = (shape, colour, size, row, col), indices into SHAPES, COLOUR_NAMES, SIZES and
+               rows/cols of the grid (0 = top/left); the second object is all -1 when the image
+               holds one object.
+  relation   = index into RELATIONS of "object 0 <relation> object 1", -1 for one object.
+  names      = bool [4]: which of NAME_FIELDS the caption names. Two-object captions never
+               name a position (they name the relation instead).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 64
+SHAPES = ('circle', 'square', 'triangle')
+COLOUR_NAMES = ('red', 'green', 'blue', 'yellow', 'magenta', 'cyan')
+PALETTE = np.array([(220, 40, 40), (40, 190, 60), (50, 90, 235), (235, 215, 40),
+                    (215, 60, 205), (40, 205, 215)], dtype=np.uint8)
+SIZES = ('small', 'large')
+SIZE_PX = (12, 24)
+CELL_CENTRES = (16, 32, 48)
+JITTER = 2
+POSITIONS = (('top left', 'top', 'top right'),
+             ('left', 'center', 'right'),
+             ('bottom left', 'bottom', 'bottom right'))
+RELATIONS = ('to the left of', 'to the right of', 'above', 'below')
+NAME_FIELDS = ('shape', 'colour', 'size', 'position')
+# Object attribute columns.
+SHAPE, COLOUR, SIZE, ROW, COL = range(5)
+
+SPLITS = ('train', 'test', 'heldout')
+_SPLIT_IDS = {'train': 0, 'test': 1, 'heldout': 2}
+# (colour, shape) pairs never seen in train/test; every heldout image holds at least one.
+HELD_OUT_PAIRS = (('red', 'triangle'), ('green', 'square'), ('blue', 'circle'))
+_HELD_OUT_IDX = tuple((COLOUR_NAMES.index(c), SHAPES.index(s)) for c, s in HELD_OUT_PAIRS)
+_ALL_PAIRS = tuple((c, s) for c in range(len(COLOUR_NAMES)) for s in range(len(SHAPES)))
+TRAIN_PAIRS = tuple(p for p in _ALL_PAIRS if p not in _HELD_OUT_IDX)
+
+# Mix of caption styles.
+P_TWO_OBJECTS = 0.25
+P_FULL = 0.6         # of single-object captions; the rest are partial
+STYLES = ('full', 'partial', 'two')
+MIN_GAP = 2          # px between the boxes of two objects (keeps 8-connected components apart)
+
+_POS_TEMPLATES = ('a {np} {in_pos}', 'there is a {np} {at_pos}', '{np}, {pos}',
+                  'a picture of a {np} {in_pos}', 'the {pos} has a {np}')
+_NOPOS_TEMPLATES = ('a {np}', 'there is a {np}', '{np}', 'a picture of a {np}')
+_TWO_TEMPLATES = ('a {np0} {rel} a {np1}', 'there is a {np0} {rel} a {np1}',
+                  '{np0} {rel} {np1}')
+
+
+def _templates():
+  """Boolean masks [s, s] per (shape, size): pixel centres inside the shape."""
+  out = {}
+  for si, s in enumerate(SIZE_PX):
+    c = np.arange(s) + 0.5
+    y, x = np.meshgrid(c, c, indexing='ij')
+    out[(0, si)] = (x - s / 2) ** 2 + (y - s / 2) ** 2 <= (s / 2) ** 2
+    out[(1, si)] = np.ones((s, s), bool)
+    # Isosceles, apex up, base = full box width at the bottom (a 1/4 px tolerance so the
+    # apex row is drawn and the box is exactly s x s).
+    out[(2, si)] = np.abs(x - s / 2) <= y / 2 + 0.25
+  return out
+
+
+TEMPLATES = _templates()
+
+
+def is_held_out(colour: int, shape: int) -> bool:
+  return (colour, shape) in _HELD_OUT_IDX
+
+
+def split_rng(split: str, index: int, seed: int) -> np.random.Generator:
+  if split not in _SPLIT_IDS:
+    raise ValueError(f'captioned_shapes has splits {SPLITS}, not {split!r}.')
+  return np.random.default_rng([int(seed), _SPLIT_IDS[split], int(index)])
+
+
+def _box(obj, jit):
+  """(y0, x0, s) of an object's bounding box given its jitter (dy, dx)."""
+  s = SIZE_PX[obj[SIZE]]
+  cy = CELL_CENTRES[obj[ROW]] + jit[0]
+  cx = CELL_CENTRES[obj[COL]] + jit[1]
+  return cy - s // 2, cx - s // 2, s
+
+
+def _gap(b0, b1):
+  """Chebyshev gap in px between two boxes (<= 0 when they overlap or touch)."""
+  (y0, x0, s0), (y1, x1, s1) = b0, b1
+  gy = max(y1 - (y0 + s0), y0 - (y1 + s1))
+  gx = max(x1 - (x0 + s0), x0 - (x1 + s1))
+  return max(gy, gx)
+
+
+def relation_of(row0, col0, row1, col1) -> int:
+  """Index into RELATIONS of "object 0 <rel> object 1" (columns first, then rows)."""
+  if col0 != col1:
+    return 0 if col0 < col1 else 1
+  if row0 != row1:
+    return 2 if row0 < row1 else 3
+  return -1
+
+
+def sample_layout(rng: np.random.Generator, split: str, style: str | None = None):
+  """Draws objects, jitter, relation and caption style. Returns a dict of numpy fields."""
+  pairs_ok = TRAIN_PAIRS
+  if style is None:
+    u = rng.random()
+    style = ('two' if u < P_TWO_OBJECTS else
+             'full' if u < P_TWO_OBJECTS + (1 - P_TWO_OBJECTS) * P_FULL else 'partial')
+  objects = np.full((2, 5), -1, np.int32)
+  jitter = np.zeros((2, 2), np.int32)
+  if style == 'two':
+    if split == 'heldout':
+      p0 = _HELD_OUT_IDX[rng.integers(len(_HELD_OUT_IDX))]
+      p1 = _ALL_PAIRS[rng.integers(len(_ALL_PAIRS))]
+      pairs = [p0, p1] if rng.random() < 0.5 else [p1, p0]
+    else:
+      pairs = [pairs_ok[i] for i in rng.integers(len(pairs_ok), size=2)]
+    cells = rng.choice(9, size=2, replace=False)
+    for i in range(2):
+      objects[i] = (pairs[i][1], pairs[i][0], 0, cells[i] // 3, cells[i] % 3)
+    while True:   # redraw the jitter until the boxes are apart (jitter 0 always is)
+      jitter = rng.integers(-JITTER, JITTER + 1, size=(2, 2)).astype(np.int32)
+      if _gap(_box(objects[0], jitter[0]), _box(objects[1], jitter[1])) >= MIN_GAP:
+        break
+    relation = relation_of(objects[0, ROW], objects[0, COL], objects[1, ROW], objects[1, COL])
+  else:
+    if split == 'heldout':
+      pair = _HELD_OUT_IDX[rng.integers(len(_HELD_OUT_IDX))]
+    else:
+      pair = pairs_ok[rng.integers(len(pairs_ok))]
+    cell = rng.integers(9)
+    objects[0] = (pair[1], pair[0], rng.integers(2), cell // 3, cell % 3)
+    jitter[0] = rng.integers(-JITTER, JITTER + 1, size=2)
+    relation = -1
+  names = np.ones(4, bool)
+  if style == 'two':
+    names[3] = False
+    names[2] = rng.random() < 0.5
+  elif style == 'partial':
+    # Drop a non-empty subset of (colour, size, position); heldout keeps the colour, since
+    # naming the unseen (colour, shape) combination is the point of that split.
+    droppable = [2, 3] if split == 'heldout' else [1, 2, 3]
+    while True:
+      drop = rng.random(len(droppable)) < 0.5
+      if drop.any():
+        break
+    for d, f in zip(drop, droppable):
+      names[f] = not d
+  template = int(rng.integers(1 << 16))
+  return dict(objects=objects, jitter=jitter, relation=np.int32(relation), names=names,
+              num_objects=np.int32(2 if style == 'two' else 1), template=template,
+              style=style)
+
+
+def _noun_phrase(obj, names):
+  words = []
+  if names[2]:
+    words.append(SIZES[obj[SIZE]])
+  if names[1]:
+    words.append(COLOUR_NAMES[obj[COLOUR]])
+  words.append(SHAPES[obj[SHAPE]])
+  return ' '.join(words)
+
+
+def caption_of(layout) -> str:
+  """The caption text of a layout from `sample_layout`."""
+  objects, names, t = layout['objects'], layout['names'], layout['template']
+  if layout['num_objects'] == 2:
+    return _TWO_TEMPLATES[t % len(_TWO_TEMPLATES)].format(
+        np0=_noun_phrase(objects[0], names), np1=_noun_phrase(objects[1], names),
+        rel=RELATIONS[layout['relation']])
+  np_ = _noun_phrase(objects[0], names)
+  if names[3]:
+    pos = POSITIONS[objects[0, ROW]][objects[0, COL]]
+    side = pos in ('left', 'right')
+    return _POS_TEMPLATES[t % len(_POS_TEMPLATES)].format(
+        np=np_, pos=pos, in_pos=('on the ' if side else 'in the ') + pos,
+        at_pos=('on the ' if side else 'at the ') + pos)
+  return _NOPOS_TEMPLATES[t % len(_NOPOS_TEMPLATES)].format(np=np_)
+
+
+def render(objects: np.ndarray, jitter: np.ndarray) -> np.ndarray:
+  """Draws the objects (rows with shape -1 are skipped) on a black 64 x 64 canvas."""
+  img = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+  for obj, jit in zip(objects, jitter):
+    if obj[SHAPE] < 0:
+      continue
+    y0, x0, s = _box(obj, jit)
+    mask = TEMPLATES[(int(obj[SHAPE]), int(obj[SIZE]))]
+    img[y0:y0 + s, x0:x0 + s][mask] = PALETTE[obj[COLOUR]]
+  return img
+
+
+def make_example(split: str, index: int, seed: int = 0, style: str | None = None) -> dict:
+  """The example `index` of `split` (deterministic given split, index, seed)."""
+  layout = sample_layout(split_rng(split, index, seed), split, style)
+  return dict(image=render(layout['objects'], layout['jitter']),
+              caption=caption_of(layout),
+              objects=layout['objects'],
+              num_objects=layout['num_objects'],
+              relation=layout['relation'],
+              names=layout['names'])
+
+
+def eval_prompts(kind: str = 'test', num: int = 64, seed: int = 0,
+                 styles: Sequence[str] = ('full', 'partial', 'two')) -> dict:
+  """Prompts with their attributes for compositional-accuracy evaluation.
+
+  Args:
+    kind: 'test' (train distribution of (colour, shape) pairs) or 'heldout' (every prompt
+      names at least one held-out pair).
+    num: number of prompts per style.
+    seed: sampling seed (use a seed different from the dataset's for fresh prompts).
+    styles: any of 'full' (one object, all attributes), 'partial' (one object, some
+      attributes left out) and 'two' (two objects and their relation).
+
+  Returns:
+    dict with 'caption' (list of str), 'style' (list of str) and numpy 'objects' [N, 2, 5],
+    'num_objects' [N], 'relation' [N], 'names' [N, 4], 'image' [N, 64, 64, 3] (a ground
+    truth rendering, useful as a reference), in the order of `styles`.
+  """
+  if kind not in ('test', 'heldout'):
+    raise ValueError(f"eval_prompts kind must be 'test' or 'heldout', not {kind!r}.")
+  out = {k: [] for k in ('caption', 'style', 'objects', 'num_objects', 'relation', 'names',
+                         'image')}
+  for si, style in enumerate(styles):
+    if style not in STYLES:
+      raise ValueError(f'eval_prompts styles must be among {STYLES}, not {style!r}.')
+    for i in range(num):
+      rng = np.random.default_rng([int(seed), 1000 + _SPLIT_IDS[kind], si, i])
+      ex_layout = sample_layout(rng, kind, style)
+      out['caption'].append(caption_of(ex_layout))
+      out['style'].append(style)
+      out['image'].append(render(ex_layout['objects'], ex_layout['jitter']))
+      for k in ('objects', 'num_objects', 'relation', 'names'):
+        out[k].append(ex_layout[k])
+  for k in ('objects', 'num_objects', 'relation', 'names', 'image'):
+    out[k] = np.stack(out[k]) if out[k] else np.zeros((0,))
+  return out
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='PNG', compress_level=1)
+  return buf.getvalue()
+
+
+def encoded_chunk(args) -> list:
+  """Examples [start, stop) of a split with PNG-encoded images: [(index, example), ...].
+
+  (split, start, stop, seed) in; used by the TFDS builder, in worker processes too.
+  """
+  split, start, stop, seed = args
+  out = []
+  for i in range(start, stop):
+    ex = make_example(split, i, seed)
+    ex['image'] = png_bytes(ex['image'])
+    ex['index'] = np.int32(i)
+    out.append((i, ex))
+  return out
