@@ -38,7 +38,7 @@ def save_export(directory, config: ml_collections.ConfigDict, stage: str, params
   directory.mkdir(parents=True, exist_ok=True)
   tmp = directory / (PARAMS_FILE + '.tmp')
   tmp.write_bytes(st_numpy.save(_flatten(params)))
-  tmp.rename(directory / PARAMS_FILE)   # atomic: a crash never leaves half a file
+  tmp.replace(directory / PARAMS_FILE)   # atomic: a crash never leaves half a file
   (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
   (directory / STAGE_FILE).write_text(stage)
 
