@@ -1,0 +1,130 @@
+"""Shared pieces of the bench/ scripts: machine facts, the matmul peak, timing, JSON output.
+
+Benchmarks, not tests: nothing here is imported by the package or the test suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+
+def rss_peak_mb() -> float:
+  """Peak resident set size of this process so far (MiB), from getrusage."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_snapshot() -> dict[str, Any]:
+  """How busy the machine is: load averages and the busiest other processes."""
+  snap = dict(loadavg_1_5_15=list(os.getloadavg()), cpu_count=os.cpu_count())
+  try:
+    out = subprocess.run(['ps', '-eo', 'pid,pcpu,comm', '--sort=-pcpu', '--no-headers'],
+                         capture_output=True, text=True, timeout=5).stdout.splitlines()
+    me = os.getpid()
+    busy = []
+    for line in out[:8]:
+      pid, pcpu, comm = line.split(None, 2)
+      if int(pid) != me and float(pcpu) >= 5.0:
+        busy.append(dict(pid=int(pid), pcpu=float(pcpu), comm=comm))
+    snap['busy_processes'] = busy
+  except (OSError, ValueError, subprocess.SubprocessError):
+    pass
+  return snap
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def jax_environment() -> dict[str, Any]:
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  dev = jax.devices()[0]
+  return dict(
+      python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
+      flax=flax.__version__, optax=optax.__version__, backend=jax.default_backend(),
+      device=dev.device_kind, num_devices=jax.device_count(), cpu=cpu_model(),
+      cpu_count=os.cpu_count(), platform=platform.platform(),
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
+      git_commit=_git_commit())
+
+
+def _git_commit() -> str:
+  try:
+    return subprocess.run(['git', '-C', REPO_ROOT, 'rev-parse', '--short', 'HEAD'],
+                          capture_output=True, text=True, timeout=5).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ''
+
+
+def matmul_peak_jax(n: int = 2048, repeats: int = 10, dtype: str = 'float32') -> float:
+  """FLOP/s of a large jitted matmul in `dtype`: the device peak that MFU is measured against."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (n, n), dtype)
+  b = jax.random.normal(k2, (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2.0 * n ** 3 / min(times)
+
+
+def time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> dict[str, float]:
+  """Runs fn() warmup + steps times (fn must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  q = statistics.quantiles(times, n=4) if len(times) >= 4 else [times[0], 0, times[-1]]
+  return dict(median_s=statistics.median(times), min_s=min(times),
+              mean_s=statistics.fmean(times), iqr_s=q[2] - q[0], n=len(times))
+
+
+def write_json(name: str, payload: dict[str, Any]) -> str:
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, name)
+  payload = dict(payload)
+  payload.setdefault('written_at', datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec='seconds'))
+  with open(path, 'w') as f:
+    json.dump(payload, f, indent=1, sort_keys=False)
+    f.write('\n')
+  return path
+
+
+def fmt_s(x: float | None) -> str:
+  if x is None:
+    return '-'
+  if x >= 1:
+    return f'{x:.2f} s'
+  return f'{x * 1e3:.1f} ms'

@@ -1,0 +1,107 @@
+"""The benchmark configurations: ours, and DALLE2-pytorch 1.15.6's matched to them.
+
+Every entry has our side (overrides of a stage section of configs/tiny.py, plus the CLIP
+widths the stage sees) and the peer's (the spec bench/peer_dalle2_pytorch.py reads). The
+mapping and the parameter counts are documented in bench/README.md; in short:
+
+  UNet      ours channels / channel_mult / num_res_blocks  ->  Unet dim / dim_mults /
+            num_resnet_blocks (same value: both add one extra residual block per level,
+            ours a down/up-sampling block, theirs an initial block); attention at the same
+            feature-map resolutions (theirs: `self_attn` per level); ours heads =
+            channels_at_level / head_channels, theirs `attn_heads` x `attn_dim_head` with
+            attn_dim_head = head_channels; their cross-attention `cond_dim` = our context
+            (caption encoding) width. The CLIP image embedding is half the caption width:
+            their Unet breaks when image_embed_dim == cond_dim (image_to_tokens becomes the
+            identity and the null-token where() fails to broadcast).
+  prior     ours width / depth / heads  ->  DiffusionPriorNetwork dim / depth / heads with
+            dim_head = width / heads; their feed-forward is SwiGLU (two input matrices), so
+            ff_mult is chosen to match the parameter count of our 4x GELU MLP (see README).
+  batch, image size, caption length and CLIP embedding widths are identical.
+"""
+
+from __future__ import annotations
+
+CONTEXT_LENGTH = 32   # caption tokens (ours: tokenizer.context_length; theirs: max_text_len)
+
+
+def _decoder(name, size, batch, image_size, channels, channel_mult, num_res_blocks,
+             attention_resolutions, head_channels, embed_dim, text_width, peer_heads,
+             steps=20, warmup=3):
+  n_levels = len(channel_mult)
+  return dict(
+      name=name, kind='decoder', size=size, steps=steps, warmup=warmup,
+      ours=dict(
+          stage='decoder', batch_size=batch, image_size=image_size,
+          clip=dict(embed_dim=embed_dim, text_width=text_width),
+          model=dict(channels=channels, channel_mult=tuple(channel_mult),
+                     num_res_blocks=num_res_blocks,
+                     attention_resolutions=tuple(attention_resolutions),
+                     head_channels=head_channels, dropout=0.0, num_clip_tokens=4,
+                     text_encoder='clip')),
+      peer=dict(
+          name=name, kind='decoder', batch=batch, image_size=image_size, dim=channels,
+          dim_mults=list(channel_mult), num_resnet_blocks=num_res_blocks,
+          self_attn=[(image_size >> i) in attention_resolutions for i in range(n_levels)],
+          attn_heads=peer_heads, attn_dim_head=head_channels, cond_dim=text_width,
+          image_embed_dim=embed_dim, text_embed_dim=text_width, text_len=CONTEXT_LENGTH,
+          learned_variance=True, train=dict(steps=steps, warmup=warmup)))
+
+
+def _upsampler(name, size, batch, low_res, high_res, crop, channels, channel_mult,
+               num_res_blocks, embed_dim, steps=20, warmup=3):
+  return dict(
+      name=name, kind='upsampler', size=size, steps=steps, warmup=warmup,
+      ours=dict(
+          stage='upsampler', batch_size=batch, low_res=low_res, high_res=high_res,
+          crop_frac=crop / high_res, clip=dict(embed_dim=embed_dim, text_width=embed_dim),
+          model=dict(channels=channels, channel_mult=tuple(channel_mult),
+                     num_res_blocks=num_res_blocks, attention_resolutions=(),
+                     head_channels=32, dropout=0.0)),
+      peer=dict(
+          name=name, kind='upsampler', batch=batch, low_res=low_res, high_res=high_res,
+          crop_size=crop, dim=channels, dim_mults=list(channel_mult),
+          num_resnet_blocks=num_res_blocks, self_attn=[False] * len(channel_mult),
+          image_embed_dim=embed_dim, train=dict(steps=steps, warmup=warmup)))
+
+
+def _prior(name, size, batch, width, depth, heads, peer_ff_mult, steps=20, warmup=3):
+  return dict(
+      name=name, kind='prior', size=size, steps=steps, warmup=warmup,
+      ours=dict(stage='prior', batch_size=batch,
+                clip=dict(embed_dim=width, text_width=width),
+                model=dict(width=width, depth=depth, heads=heads)),
+      peer=dict(name=name, kind='prior', batch=batch, dim=width, depth=depth, heads=heads,
+                dim_head=width // heads, ff_mult=peer_ff_mult, text_len=CONTEXT_LENGTH,
+                cond_drop_prob=0.1, train=dict(steps=steps, warmup=warmup)))
+
+
+def _unet(base, custom_conv_grad):
+  """The decoder's UNet alone (eps MSE), for the CPU convolution-gradient comparison."""
+  d = dict(base, name=f'unet_{base["size"]}_{"custom" if custom_conv_grad else "xla"}_grad',
+           kind='unet', custom_conv_grad=custom_conv_grad)
+  d['peer'] = dict(base['peer'], name=d['name'], kind='unet', learned_variance=False)
+  return d
+
+
+_DEC_S = _decoder('decoder_s', 's', batch=8, image_size=32, channels=64, channel_mult=(1, 2, 2),
+                  num_res_blocks=2, attention_resolutions=(16, 8), head_channels=32,
+                  embed_dim=32, text_width=64, peer_heads=4)
+_DEC_M = _decoder('decoder_m', 'm', batch=4, image_size=64, channels=64,
+                  channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                  attention_resolutions=(32, 16, 8), head_channels=64, embed_dim=64,
+                  text_width=128, peer_heads=4, steps=10, warmup=2)
+_UP_S = _upsampler('upsampler_s', 's', batch=8, low_res=32, high_res=64, crop=32, channels=64,
+                   channel_mult=(1, 2, 3), num_res_blocks=2, embed_dim=64)
+_UP_M = _upsampler('upsampler_m', 'm', batch=4, low_res=64, high_res=128, crop=64,
+                   channels=64, channel_mult=(1, 2, 3), num_res_blocks=2, embed_dim=64,
+                   steps=10, warmup=2)
+_PRIOR_S = _prior('prior_s', 's', batch=32, width=256, depth=4, heads=4, peer_ff_mult=3.5)
+_PRIOR_M = _prior('prior_m', 'm', batch=32, width=512, depth=8, heads=8, peer_ff_mult=3.5)
+
+CONFIGS = {c['name']: c for c in (
+    _PRIOR_S, _PRIOR_M, _DEC_S, _DEC_M, _UP_S, _UP_M,
+    _unet(_DEC_S, True), _unet(_DEC_S, False))}
+
+TRAIN_STEP_CONFIGS = ['prior_s', 'prior_m', 'decoder_s', 'decoder_m', 'upsampler_s',
+                      'upsampler_m']
+CONV_GRAD_CONFIGS = ['unet_s_custom_grad', 'unet_s_xla_grad']
