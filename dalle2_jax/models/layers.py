@@ -62,11 +62,64 @@ def get_activation(name: str) -> Callable[[Array], Array]:
   return ACTIVATIONS[name]
 
 
-def dense_init(std: float | None = None):
-  """Kernel initializer: normal(std) if std is given, else lecun normal (fan-in)."""
+def dense_init(std: float | None = None, in_axis=-2, out_axis=-1):
+  """Kernel initializer: normal(std) if std is given, else lecun normal (fan-in over
+  `in_axis`, which may be a tuple for multi-axis kernels such as [heads, head_dim, width])."""
   if std is None:
-    return nn.initializers.lecun_normal()
+    return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
+                                            in_axis=in_axis, out_axis=out_axis)
   return nn.initializers.normal(stddev=std)
+
+
+class HeadsDense(nn.Module):
+  """[..., in] -> [..., heads, head_dim] projection (kernel [in, heads, head_dim]).
+
+  Same parameters as nn.DenseGeneral(features=(heads, head_dim)), but the kernel is created
+  in its final shape, so its logical partitioning applies to it as is.
+  """
+  num_heads: int
+  head_dim: int
+  use_bias: bool = True
+  kernel_std: float | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        'kernel', nn.with_logical_partitioning(
+            dense_init(self.kernel_std, in_axis=0, out_axis=(1, 2)), ('embed', 'heads', 'kv')),
+        (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
+    y = jnp.einsum('...w,whd->...hd', x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             ('heads', 'kv')),
+                        (self.num_heads, self.head_dim), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class HeadsOut(nn.Module):
+  """[..., heads, head_dim] -> [..., features] projection (kernel [heads, head_dim, features])."""
+  features: int
+  use_bias: bool = True
+  kernel_std: float | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        'kernel', nn.with_logical_partitioning(
+            dense_init(self.kernel_std, in_axis=(0, 1), out_axis=2), ('heads', 'kv', 'embed')),
+        x.shape[-2:] + (self.features,), self.param_dtype)
+    y = jnp.einsum('...hd,hdw->...w', x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             ('embed',)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 def causal_mask(length: int) -> Array:
@@ -122,13 +175,10 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _proj(self, name: str, head_dim: int) -> nn.DenseGeneral:
-    return nn.DenseGeneral(
-        features=(self.num_heads, head_dim), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(dense_init(self.kernel_std),
-                                                 ('embed', 'heads', 'kv')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'kv')))
+  def _proj(self, name: str, head_dim: int) -> HeadsDense:
+    return HeadsDense(num_heads=self.num_heads, head_dim=head_dim, use_bias=self.use_bias,
+                      kernel_std=self.kernel_std, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=name)
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, context: Array | None = None,
@@ -167,12 +217,9 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    return nn.DenseGeneral(
-        features=self.out_features or width, axis=(-2, -1), use_bias=self.use_bias,
-        dtype=self.dtype, param_dtype=self.param_dtype, name='out',
-        kernel_init=nn.with_logical_partitioning(dense_init(self.kernel_std),
-                                                 ('heads', 'kv', 'embed')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(out)
+    return HeadsOut(features=self.out_features or width, use_bias=self.use_bias,
+                    kernel_std=self.kernel_std, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name='out')(out)
 
 
 class Mlp(nn.Module):
