@@ -1,0 +1,287 @@
+"""Stage `prior`: a diffusion prior from CLIP text to CLIP image embeddings (unCLIP Sec. 2.1).
+
+Training: a frozen CLIP (an export directory: `config.prior.clip_checkpoint`, or
+<workdir>/clip/export when empty) embeds each batch inside `loss` (the engine passes the CLIP
+params as `frozen`): text_embed z_t, text_encodings, text mask and image_embed z_i. The prior
+(`models.prior.PriorTransformer`) learns to denoise the normalised z_i conditioned on z_t and
+the text encodings, with `config.prior.diffusion` (paper: x0 objective, cosine schedule,
+1000 steps), plain MSE. Text conditioning is dropped (replaced by learned null embeddings)
+with probability `model.cond_drop_prob` for classifier-free guidance.
+
+Embedding normalisation (`model.embed_norm`), applied to z_i (the diffused variable) and z_t
+(the conditioning):
+  'l2'           x / |x| * sqrt(D) (DALLE2-pytorch); samples come back as unit vectors.
+  'standardize'  (x - mean) / std per dimension (Karlo), with mean/std of z_i and z_t over the
+                 first `model.stats_examples` (4096) examples of the training split, computed
+                 through the frozen CLIP when the task is built. They are stored *in the
+                 params* as params['embed_stats'] = {image_mean, image_std, text_mean,
+                 text_std} (1-D, zero gradient: Adam leaves them unchanged and the weight-decay
+                 mask skips 1-D leaves), so every checkpoint and export carries them. The
+                 prior's own weights are params['prior'].
+
+Metrics (means over the batch; the cosines are in CLIP space over rows whose text was kept):
+  loss, mse; cos_pred_image: cos(predicted z_i, true z_i) (the x0 prediction at the sampled
+  noise level); cos_text_image: cos(z_t, z_i), the baseline that uses the text embedding as
+  the image embedding; cos_pred_text: cos(predicted z_i, z_t).
+Sampling (`sample_image_embed`): N candidates per prompt (`sample.num_candidates`, paper 2),
+keep the one with the highest dot product with z_t (both unit-normalised), with
+`sample.{sampler, steps, guidance_scale, spacing}`. `evaluate` compares sampled embeddings
+with the true ones, against the text-embedding baseline.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle2_jax import diffusion as diffusion_lib
+from dalle2_jax.models import clip as clip_lib
+from dalle2_jax.models import prior as prior_lib
+from dalle2_jax.tasks import base
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+EMBED_NORMS = ('l2', 'standardize')
+STATS_KEYS = ('image_mean', 'image_std', 'text_mean', 'text_std')
+
+
+def _l2(x, eps=1e-12):
+  x = jnp.asarray(x, jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps))
+
+
+def cosine(a, b):
+  """Row-wise cosine similarity [B] of [B, D] arrays, float32."""
+  return jnp.sum(_l2(a) * _l2(b), axis=-1)
+
+
+def embed_stats(image_embeds, text_embeds, eps: float = 1e-6) -> dict[str, np.ndarray]:
+  """Per-dimension mean and std (float32 numpy) of image and text embeddings [N, D]."""
+  image_embeds = np.asarray(image_embeds, np.float64)
+  text_embeds = np.asarray(text_embeds, np.float64)
+  return {'image_mean': image_embeds.mean(0).astype(np.float32),
+          'image_std': (image_embeds.std(0) + eps).astype(np.float32),
+          'text_mean': text_embeds.mean(0).astype(np.float32),
+          'text_std': (text_embeds.std(0) + eps).astype(np.float32)}
+
+
+class PriorTask(base.Task):
+  """The diffusion prior; CLIP is frozen."""
+
+  name = 'prior'
+
+  def __init__(self, config, stage, workdir, frozen_clip: clip_lib.FrozenClip | None = None,
+               stats: Mapping[str, Any] | None = None):
+    """`frozen_clip` and `stats` override loading the CLIP export / computing statistics
+    from the training set (tests, notebooks)."""
+    super().__init__(config, stage, workdir)
+    sc = self.stage_config
+    if frozen_clip is None:
+      path = sc.get('clip_checkpoint', '') or os.path.join(workdir, 'clip', 'export')
+      frozen_clip = clip_lib.FrozenClip.load(path)
+    self.clip = frozen_clip
+    m = sc.model
+    self.embed_norm = m.get('embed_norm', 'l2')
+    if self.embed_norm not in EMBED_NORMS:
+      raise ValueError(f'config.{stage}.model.embed_norm={self.embed_norm!r}; choose one of '
+                       f'{EMBED_NORMS}.')
+    self.cond_drop_prob = float(m.get('cond_drop_prob', 0.1))
+    if not 0.0 <= self.cond_drop_prob < 1.0:
+      raise ValueError(f'config.{stage}.model.cond_drop_prob must be in [0, 1).')
+    dtype_name = sc.get('dtype', 'float32')
+    if dtype_name not in DTYPES:
+      raise ValueError(f'config.{stage}.dtype={dtype_name!r}; choose one of {sorted(DTYPES)}.')
+    diff_cfg = dict(sc.diffusion.to_dict() if hasattr(sc.diffusion, 'to_dict')
+                    else sc.diffusion)
+    diff_cfg.setdefault('discretized_nll', False)   # embeddings are not 8-bit pixels
+    self.diffusion = diffusion_lib.GaussianDiffusion.from_config(diff_cfg)
+    self.embed_dim = self.clip.embed_dim
+    self.context_length = int(config.tokenizer.context_length)
+    self.text_width = int(self.clip.config.text.width)
+    self._model = prior_lib.PriorTransformer(
+        embed_dim=self.embed_dim, width=int(m.width), depth=int(m.depth),
+        num_heads=int(m.heads), context_length=self.context_length,
+        text_width=self.text_width, mlp_dim=m.get('mlp_dim', None),
+        remat=bool(sc.get('remat', False)), dtype=DTYPES[dtype_name])
+    self.stats = None
+    if self.embed_norm == 'standardize':
+      if stats is None:
+        stats = self.compute_stats(int(m.get('stats_examples', 4096)))
+      self.stats = {k: np.asarray(stats[k], np.float32) for k in STATS_KEYS}
+    if 'sample' not in sc:
+      raise ValueError(f'config.{stage}.sample is missing (sampler, steps, guidance_scale, '
+                       'num_candidates).')
+
+  # --- model ------------------------------------------------------------------------------
+  def model(self):
+    return self._model
+
+  def init(self, rng, batch):
+    b = batch['tokens'].shape[0]
+    params = self._model.init(
+        rng, jnp.zeros((b, self.embed_dim)), jnp.zeros((b,), jnp.int32),
+        jnp.zeros((b, self.embed_dim)), jnp.zeros((b, self.context_length, self.text_width)),
+        jnp.ones((b, self.context_length), bool), jnp.zeros((b,), bool))['params']
+    out = {'prior': params}
+    if self.stats is not None:
+      out['embed_stats'] = {k: jnp.asarray(v) for k, v in self.stats.items()}
+    return out
+
+  def frozen_params(self):
+    return self.clip.params
+
+  # --- embeddings -------------------------------------------------------------------------
+  def encode(self, frozen, tokens, images=None):
+    """Frozen CLIP -> (text_embed, text_encodings, text_mask, image_embed or None)."""
+    frozen = self.clip.params if frozen is None else frozen
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.shape[-1] != self.context_length:
+      raise ValueError(f'tokens have length {tokens.shape[-1]}; the prior was built for '
+                       f'config.tokenizer.context_length={self.context_length}.')
+    text_embed, text_enc, mask = clip_lib.encode_text(self.clip.config, frozen, tokens)
+    image_embed = (None if images is None
+                   else clip_lib.encode_image(self.clip.config, frozen, images))
+    sg = jax.lax.stop_gradient
+    return (sg(text_embed), sg(text_enc), mask,
+            None if image_embed is None else sg(image_embed))
+
+  def _stats(self, params):
+    if self.embed_norm != 'standardize':
+      return None
+    if 'embed_stats' not in params:
+      raise ValueError("embed_norm='standardize' but the params have no 'embed_stats' "
+                       '(a checkpoint trained with embed_norm=l2?).')
+    return jax.lax.stop_gradient(params['embed_stats'])
+
+  def normalize(self, x, kind: str, stats=None):
+    """CLIP space -> the prior's space ('image' or 'text' statistics)."""
+    x = jnp.asarray(x, jnp.float32)
+    if self.embed_norm == 'l2':
+      return _l2(x) * np.sqrt(self.embed_dim)
+    return (x - stats[f'{kind}_mean']) / stats[f'{kind}_std']
+
+  def denormalize(self, x, kind: str = 'image', stats=None):
+    """The prior's space -> CLIP space ('l2': the unit vector of x)."""
+    x = jnp.asarray(x, jnp.float32)
+    if self.embed_norm == 'l2':
+      return _l2(x)
+    return x * stats[f'{kind}_std'] + stats[f'{kind}_mean']
+
+  def compute_stats(self, num: int, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Embedding statistics over the first `num` training examples through the frozen CLIP."""
+    from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    from dalle2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    ex = pipeline.load_examples(self.config, self.config.data.train_split, num,
+                                image_size=self.clip.image_size)
+    if len(ex['caption']) < 2:
+      raise ValueError('Too few training examples for embedding statistics '
+                       f'(config.{self.stage}.model.stats_examples, config.data).')
+    tok = tokenizer_lib.Tokenizer.from_config(self.config)
+    enc = jax.jit(lambda p, t, i: (clip_lib.encode_text(self.clip.config, p, t)[0],
+                                   clip_lib.encode_image(self.clip.config, p, i)))
+    imgs, txts = [], []
+    n = len(ex['caption'])
+    for s in range(0, n, batch_size):
+      tokens = tok(ex['caption'][s:s + batch_size])
+      images = ex['image'][s:s + batch_size].astype(np.float32) / 127.5 - 1.0
+      pad = batch_size - len(tokens)   # one compiled shape
+      tokens = np.pad(tokens, ((0, pad), (0, 0)))
+      images = np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
+      t, i = enc(self.clip.params, tokens, images)
+      txts.append(np.asarray(t)[:batch_size - pad])
+      imgs.append(np.asarray(i)[:batch_size - pad])
+    logging.info('Prior embedding statistics from %d training examples.', n)
+    return embed_stats(np.concatenate(imgs), np.concatenate(txts))
+
+  # --- training ---------------------------------------------------------------------------
+  def _model_fn(self, params, text_embed_n, text_enc, mask, drop):
+    """model_fn(x, t[, drop_cond]) of the diffusion API; with guidance the batch is doubled
+    and the conditioning repeated to it."""
+    def model_fn(x, t, drop_cond=None):
+      cond = diffusion_lib.repeat_batch((text_embed_n, text_enc, mask), x.shape[0])
+      d = drop if drop_cond is None else drop_cond
+      return self._model.apply({'params': params['prior']}, x, t, *cond, d)
+    return model_fn
+
+  def loss(self, params, batch, rng, frozen=None, train=True):
+    text_embed, text_enc, mask, image_embed = self.encode(frozen, batch['tokens'],
+                                                          batch['image'])
+    stats = self._stats(params)
+    x0 = self.normalize(image_embed, 'image', stats)
+    cond = self.normalize(text_embed, 'text', stats)
+    b = x0.shape[0]
+    rng_t, rng_n, rng_d = jax.random.split(rng, 3)
+    t = self.diffusion.sample_timesteps(rng_t, b)
+    noise = jax.random.normal(rng_n, x0.shape, jnp.float32)
+    if train and self.cond_drop_prob > 0:
+      drop = jax.random.bernoulli(rng_d, self.cond_drop_prob, (b,))
+    else:
+      drop = jnp.zeros((b,), bool)
+    per_example, terms = self.diffusion.training_losses(
+        self._model_fn(params, cond, text_enc, mask, drop), x0, t, noise)
+    pred = self.denormalize(terms['pred_x0'], 'image', stats)
+    keep = (~drop).astype(jnp.float32)
+    kmean = lambda v: jnp.sum(v * keep) / jnp.maximum(jnp.sum(keep), 1.0)  # noqa: E731
+    loss = jnp.mean(per_example)
+    metrics = dict(
+        loss=loss,
+        mse=jnp.mean(terms['mse']),
+        cos_pred_image=kmean(cosine(pred, image_embed)),
+        cos_text_image=kmean(cosine(text_embed, image_embed)),
+        cos_pred_text=kmean(cosine(pred, text_embed)),
+    )
+    if 'vlb' in terms:
+      metrics['vlb'] = jnp.mean(terms['vlb'])
+    return loss, metrics
+
+  def flops_per_example(self) -> float:
+    m = self.stage_config.model
+    return prior_lib.flops_per_example(
+        self.embed_dim, int(m.width), int(m.depth), self.context_length, self.text_width,
+        m.get('mlp_dim', None))
+
+  # --- sampling ---------------------------------------------------------------------------
+  def sample_image_embed(self, params, frozen, tokens, rng, steps: int | None = None,
+                         guidance_scale: float | None = None,
+                         num_candidates: int | None = None, sampler: str | None = None,
+                         spacing: str | None = None, return_candidates: bool = False):
+    """CLIP image embeddings [B, D] for tokens [B, L] (traceable; arguments are static).
+
+    Draws `num_candidates` samples per prompt and keeps the one whose (unit-normalised) dot
+    product with the text embedding is highest. None = the value in `config.prior.sample`.
+    Returns embeddings in CLIP space (unit norm with embed_norm='l2'), and with
+    `return_candidates` also all candidates [B, N, D].
+    """
+    sc = self.stage_config.sample
+    steps = int(steps or sc.get('steps', 64))
+    guidance_scale = float(sc.get('guidance_scale', 1.0) if guidance_scale is None
+                           else guidance_scale)
+    n = int(num_candidates or sc.get('num_candidates', 2))
+    sampler = sampler or sc.get('sampler', 'ddim')
+    spacing = spacing or sc.get('spacing', 'trailing')
+    text_embed, text_enc, mask, _ = self.encode(frozen, tokens)
+    stats = self._stats(params)
+    b = text_embed.shape[0]
+    rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731  (prompt-major: [p0 x n, p1 x n])
+    cond = self.normalize(text_embed, 'text', stats)
+    model_fn = self._model_fn(params, rep(cond), rep(text_enc), rep(mask),
+                              jnp.zeros((b * n,), bool))
+    x = self.diffusion.sample(model_fn, (b * n, self.embed_dim), rng, sampler=sampler,
+                              steps=steps, spacing=spacing, guidance_scale=guidance_scale)
+    cands = self.denormalize(x, 'image', stats).reshape(b, n, self.embed_dim)
+    score = jnp.einsum('bnd,bd->bn', _l2(cands), _l2(text_embed))
+    best = jnp.argmax(score, axis=1)
+    chosen = jnp.take_along_axis(cands, best[:, None, None], axis=1)[:, 0]
+    return (chosen, cands) if return_candidates else chosen
+
+  def evaluate(self, params, frozen, batch, rng, **sample_kw) -> dict[str, jax.Array]:
+    """Per-example cosines of sampled vs true image embeddings, and the text baseline."""
+    text_embed, _, _, image_embed = self.encode(frozen, batch['tokens'], batch['image'])
+    pred = self.sample_image_embed(params, frozen, batch['tokens'], rng, **sample_kw)
+    return dict(cos_pred_image=cosine(pred, image_embed),
+                cos_text_image=cosine(text_embed, image_embed),
+                cos_pred_text=cosine(pred, text_embed))
