@@ -77,11 +77,15 @@ def get_config(arg=None):
 
   c.prior = stage('prior', steps=4, batch_size=16, lr=1e-3)
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
+  c.prior.image_size = 32        # = clip.image_size: images only go through the frozen CLIP
   c.prior.model = dict(width=32, depth=1, heads=2, cond_drop_prob=0.1,
-                       embed_norm='l2')   # 'l2' (x sqrt(dim)) or 'standardize'
+                       embed_norm='l2',        # 'l2' (x sqrt(dim)) or 'standardize'
+                       stats_examples=4096)    # standardize: training examples for mean/std
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)
-  c.prior.sample = dict(sampler='ddim', steps=8, guidance_scale=1.0, num_candidates=2)
+  # sampler: 'ddim' | 'ddpm' | 'dpmpp_2m'; spacing: 'trailing' | 'leading' | 'linspace'
+  c.prior.sample = dict(sampler='ddim', steps=8, guidance_scale=1.0, num_candidates=2,
+                        spacing='trailing')
 
   c.decoder = stage('decoder', steps=4, batch_size=8, lr=1e-3)
   c.decoder.clip_checkpoint = ''
