@@ -23,6 +23,7 @@ import numpy as np
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
 BPE_PATH = os.path.join(ASSETS, 'bpe_simple_vocab_16e6.txt.gz')
 BPE_SHA256 = '924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a'
+_CACHE_SIZE = 200_000   # texts whose ids are kept
 SOT = '<|startoftext|>'
 EOT = '<|endoftext|>'
 
@@ -97,6 +98,7 @@ class Tokenizer:
     self.eot_id = int(eot)
     self.vocab_size = len(self._hf)
     self.num_truncated = 0   # texts cut to the context length so far
+    self._cache = {}         # text -> BPE ids (captions repeat across epochs)
 
   @classmethod
   def from_config(cls, config) -> 'Tokenizer':
@@ -122,10 +124,16 @@ class Tokenizer:
     out = np.zeros((len(texts), L), np.int32)
     if not texts:
       return out
-    ids = self._hf(texts, add_special_tokens=False)['input_ids']
+    cache = self._cache
+    missing = list({t for t in texts if t not in cache})
+    if missing:
+      if len(cache) + len(missing) > _CACHE_SIZE:
+        cache.clear()
+      for t, seq in zip(missing, self._hf(missing, add_special_tokens=False)['input_ids']):
+        cache[t] = seq
     cut = 0
-    for i, seq in enumerate(ids):
-      seq = [self.sot_id] + list(seq)
+    for i, t in enumerate(texts):
+      seq = [self.sot_id] + list(cache[t])
       if len(seq) + 1 > L:
         seq = seq[:L - 1]
         cut += 1
