@@ -105,3 +105,60 @@ CONFIGS = {c['name']: c for c in (
 TRAIN_STEP_CONFIGS = ['prior_s', 'prior_m', 'decoder_s', 'decoder_m', 'upsampler_s',
                       'upsampler_m']
 CONV_GRAD_CONFIGS = ['unet_s_custom_grad', 'unet_s_xla_grad']
+
+
+# --- sampling --------------------------------------------------------------------------------
+# Small stages (random weights: latency does not depend on them). Steps are network calls:
+# the peer's prior is asked for steps + 1 DDIM timesteps, which is `steps` calls (see
+# peer_dalle2_pytorch.prior_ddim_timesteps); both sides report the calls they made.
+_PIPE_CLIP = dict(embed_dim=128, text_width=128)
+_PIPE_PRIOR = dict(width=128, depth=4, heads=2)
+_PIPE_DECODER = dict(image_size=32, model=dict(
+    channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
+    head_channels=32, num_clip_tokens=4, text_encoder='clip', dropout=0.0))
+_PIPE_UP = [dict(low_res=32, high_res=64, model=dict(
+    channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+    head_channels=32, dropout=0.0)),
+            dict(low_res=64, high_res=128, model=dict(
+                channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                head_channels=32, dropout=0.0))]
+
+
+def _peer_pipeline(name, steps, batch, n_up, settings):
+  d = _PIPE_DECODER['model']
+  return dict(
+      name=name, kind='pipeline', batch=batch, num_candidates=settings['num_candidates'],
+      steps=list(steps), prior_cond_scale=settings['prior_guidance'],
+      decoder_cond_scale=settings['decoder_guidance'], repeats=1,
+      prior=dict(dim=_PIPE_CLIP['embed_dim'], depth=_PIPE_PRIOR['depth'],
+                 heads=_PIPE_PRIOR['heads'],
+                 dim_head=_PIPE_PRIOR['width'] // _PIPE_PRIOR['heads'], ff_mult=3.5,
+                 text_len=CONTEXT_LENGTH),
+      # cond_dim 64, not the caption width 128: theirs breaks when cond_dim == image_embed_dim.
+      decoder=dict(image_size=_PIPE_DECODER['image_size'], dim=d['channels'],
+                   dim_mults=list(d['channel_mult']), num_resnet_blocks=d['num_res_blocks'],
+                   self_attn=[(_PIPE_DECODER['image_size'] >> i) in d['attention_resolutions']
+                              for i in range(len(d['channel_mult']))],
+                   attn_heads=2, attn_dim_head=d['head_channels'], cond_dim=64,
+                   image_embed_dim=_PIPE_CLIP['embed_dim'],
+                   text_embed_dim=_PIPE_CLIP['text_width'], text_len=CONTEXT_LENGTH),
+      upsamplers=[dict(high_res=u['high_res'], dim=u['model']['channels'],
+                       dim_mults=list(u['model']['channel_mult']),
+                       num_resnet_blocks=u['model']['num_res_blocks'],
+                       self_attn=[False] * len(u['model']['channel_mult']),
+                       image_embed_dim=_PIPE_CLIP['embed_dim']) for u in _PIPE_UP[:n_up]])
+
+
+def _pipeline(name, preset, steps, batch):
+  n_up = len(steps) - 2
+  settings = dict(steps=tuple(steps), prior_guidance=4.0, decoder_guidance=3.0,
+                  num_candidates=2)
+  return dict(name=name, preset=preset, mode='pipeline', batch=batch, clip=_PIPE_CLIP,
+              prior=_PIPE_PRIOR, decoder=_PIPE_DECODER, upsamplers=_PIPE_UP[:n_up],
+              settings=settings, peer=_peer_pipeline(name, steps, batch, n_up, settings))
+
+
+SAMPLING = {s['name']: s for s in (
+    _pipeline('pipeline_fast', 'fast', (25, 25, 7), batch=4),
+    _pipeline('pipeline_paper', 'paper', (64, 250, 27, 15), batch=2),
+)}
