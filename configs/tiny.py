@@ -35,6 +35,11 @@ def get_config(arg=None):
   c.tokenizer = dict(path='', context_length=32)   # '' = packaged OpenAI CLIP BPE
 
   c.mesh = dict(data=-1, fsdp=1)   # -1: the rest of the devices
+  # Multi-host (train.py flags override): enabled=True with no address = JAX's automatic
+  # cluster detection (Cloud TPU, SLURM); or an explicit coordinator 'host:port'.
+  c.distributed = dict(enabled=False, coordinator_address='', num_processes=0,
+                       process_id=-1)
+  c.compilation_cache_dir = ''   # persistent XLA cache ('' = off): restarts skip compiling
   # Logical axis name -> mesh axes. Data parallel: fsdp=1; FSDP: set mesh.fsdp > 1.
   c.axis_rules = (
       ('batch', ('data', 'fsdp')),
@@ -73,6 +78,9 @@ def get_config(arg=None):
       text=dict(width=32, depth=1, heads=2, vocab_size=49408, activation='quick_gelu'),
       vision=dict(width=32, depth=1, heads=2, patch_size=8, activation='quick_gelu'),
       logit_scale_init=2.6592,   # log(1/0.07)
+      # Optional: text.context_length (default tokenizer.context_length), text.pool
+      # ('argmax' = OpenAI, or 'eos' with text.eos_token_id = Hugging Face), mlp_dim
+      # (default 4 * width), layer_norm_eps (1e-5), image_mean / image_std (OpenAI's).
   )
 
   c.prior = stage('prior', steps=4, batch_size=16, lr=1e-3)
