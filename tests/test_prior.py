@@ -217,5 +217,13 @@ def test_trained_prior_beats_text_embedding_baseline(clip_workdir, tmp_path):
                                        sampler='ddim', steps=16, num_candidates=2))(
                                            jax.random.PRNGKey(0))
   pred, base = float(ev['cos_pred_image'].mean()), float(ev['cos_text_image'].mean())
-  print(f'prior cos {pred:.3f} vs text baseline {base:.3f}')
+  mean_base = float(ev['cos_mean_image'].mean())
+  print(f'prior cos {pred:.3f} vs text baseline {base:.3f}, mean-image baseline {mean_base:.3f}')
   assert pred >= base + 0.1, (pred, base)
+  # it uses the text: better than the mean image embedding, and each sample is nearest to
+  # its own caption's image embedding
+  assert pred > mean_base, (pred, mean_base)
+  emb = jax.jit(lambda r: task.sample_image_embed(params, task.frozen_params(), tokens, r,
+                                                  steps=16))(jax.random.PRNGKey(1))
+  sims = np.asarray(prior_task._l2(emb)) @ np.asarray(prior_task._l2(ie)).T
+  assert np.mean(np.argmax(sims, 1) == np.arange(NUM_PAIRS)) >= 0.75, sims

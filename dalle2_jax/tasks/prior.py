@@ -278,10 +278,96 @@ class PriorTask(base.Task):
     chosen = jnp.take_along_axis(cands, best[:, None, None], axis=1)[:, 0]
     return (chosen, cands) if return_candidates else chosen
 
-  def evaluate(self, params, frozen, batch, rng, **sample_kw) -> dict[str, jax.Array]:
-    """Per-example cosines of sampled vs true image embeddings, and the text baseline."""
+  def evaluate(self, params, frozen, batch, rng, mean_image_embed=None,
+               **sample_kw) -> dict[str, jax.Array]:
+    """Per-example cosines [B] of sampled prior embeddings with the true image embeddings.
+
+    cos_pred_image: the prior's sample (best of N) vs the true z_i; cos_text_image: the text
+    embedding as the image embedding (the baseline); cos_pred_text; cos_mean_image: a
+    text-blind baseline, the mean true image embedding (`mean_image_embed`, default the
+    batch's) vs each z_i. CLIP embeddings share a large common direction (and image and
+    text embeddings lie in different cones), so beating cos_text_image mostly shows the
+    prior lands in the image cone; beating cos_mean_image shows it uses the text.
+    """
     text_embed, _, _, image_embed = self.encode(frozen, batch['tokens'], batch['image'])
     pred = self.sample_image_embed(params, frozen, batch['tokens'], rng, **sample_kw)
+    if mean_image_embed is None:
+      mean_image_embed = jnp.mean(_l2(image_embed), axis=0)
+    mean = jnp.broadcast_to(jnp.asarray(mean_image_embed, jnp.float32), image_embed.shape)
     return dict(cos_pred_image=cosine(pred, image_embed),
                 cos_text_image=cosine(text_embed, image_embed),
-                cos_pred_text=cosine(pred, text_embed))
+                cos_pred_text=cosine(pred, text_embed),
+                cos_mean_image=cosine(mean, image_embed))
+
+
+# --- evaluation on a dataset split ----------------------------------------------------------
+
+def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
+                   batch_size: int = 128, **sample_kw) -> dict[str, float]:
+  """Mean cosines over the first `num` examples of `split`: sampled prior embeddings vs the
+  true CLIP image embeddings, and the text-embedding baseline (see `PriorTask.evaluate`)."""
+  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  ex = pipeline.load_examples(task.config, split, num, image_size=task.clip.image_size)
+  n = len(ex['caption'])
+  if not n:
+    raise ValueError(f'Split {split!r} has no examples.')
+  tok = tokenizer_lib.Tokenizer.from_config(task.config)
+  frozen = task.frozen_params()
+
+  def batches():
+    for s in range(0, n, batch_size):
+      tokens = tok(ex['caption'][s:s + batch_size])
+      images = ex['image'][s:s + batch_size].astype(np.float32) / 127.5 - 1.0
+      m = len(tokens)
+      pad = batch_size - m     # one compiled shape
+      yield s, m, dict(tokens=np.pad(tokens, ((0, pad), (0, 0))),
+                       image=np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))))
+
+  # the split's mean (unit) image embedding, for the text-blind baseline
+  enc = jax.jit(lambda b: _l2(task.encode(frozen, b['tokens'], b['image'])[3]))
+  mean = sum(np.asarray(enc(b))[:m].sum(0) for _, m, b in batches()) / n
+  run = jax.jit(lambda p, b, r: task.evaluate(p, frozen, b, r, mean_image_embed=mean,
+                                              **sample_kw))
+  sums: dict[str, float] = {}
+  for s, m, batch in batches():
+    out = run(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), s))
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v)[:m]))
+  result = {k: v / n for k, v in sums.items()}
+  result['gain_over_text_baseline'] = result['cos_pred_image'] - result['cos_text_image']
+  result['gain_over_mean_baseline'] = result['cos_pred_image'] - result['cos_mean_image']
+  result['num_examples'] = n
+  return result
+
+
+def main(argv):
+  """python -m dalle2_jax.tasks.prior --workdir W [--stage prior] [--splits test,heldout]"""
+  del argv
+  import json  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.training import export  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  config, stage, params = export.load_export(os.path.join(f.workdir, f.stage, 'export'))
+  params = jax.tree.map(jnp.asarray, params)
+  task = PriorTask(config, stage, f.workdir, stats=params.get('embed_stats'))
+  kw = {k: getattr(f, k) for k in ('steps', 'guidance_scale', 'num_candidates', 'sampler')
+        if getattr(f, k) is not None}
+  results = {split: evaluate_split(task, params, split, f.num, **kw)
+             for split in f.splits.split(',')}
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('workdir', None, 'Experiment workdir (holds <stage>/export).',
+                      required=True)
+  flags.DEFINE_string('stage', 'prior', 'Prior stage section name.')
+  flags.DEFINE_string('splits', 'test,heldout', 'Comma-separated dataset splits.')
+  flags.DEFINE_integer('num', 512, 'Examples per split.')
+  flags.DEFINE_integer('steps', None, 'Sampling steps (default: config).')
+  flags.DEFINE_float('guidance_scale', None, 'Guidance scale (default: config).')
+  flags.DEFINE_integer('num_candidates', None, 'Candidates per prompt (default: config).')
+  flags.DEFINE_string('sampler', None, 'ddim | ddpm | dpmpp_2m (default: config).')
+  app.run(main)
