@@ -191,3 +191,17 @@ def test_detect_scales_to_other_sizes():
   r = scoring.check(scoring.detect(big), ex['objects'], ex['num_objects'], ex['relation'],
                     ex['names'])
   assert r['overall']
+
+
+def test_png_bytes_are_standard_png_with_a_fast_decode_path():
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  for i in range(20):
+    img = cs.make_example('heldout', i)['image']
+    data = cs.png_bytes(img)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert('RGB')), img)
+    np.testing.assert_array_equal(pipeline._decode_unfiltered_png(data), img)  # pylint: disable=protected-access
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format='PNG')   # PIL's filtered rows: PIL path, same pixels
+  np.testing.assert_array_equal(pipeline.decode_image(buf.getvalue(), 64), img)
