@@ -14,11 +14,22 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from dalle2_jax.training import checkpoint
 from dalle2_jax.training import loop
 from dalle2_jax.training import writers
 import training_toy as toy
+
+
+@pytest.fixture(autouse=True, scope='module')
+def fast_compile():
+  """Less XLA optimisation: these tests compile far more than they run."""
+  previous = jax.config.values['jax_disable_most_optimizations']
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'tests' / 'training_toy.py'
@@ -26,6 +37,7 @@ SCRIPT = ROOT / 'tests' / 'training_toy.py'
 
 def start(workdir, *args, devices=8):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
+             JAX_DISABLE_MOST_OPTIMIZATIONS='true',   # as in this process (fast_compile)
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   return subprocess.Popen([sys.executable, str(SCRIPT), '--workdir', str(workdir),
                            '--devices', str(devices), *map(str, args)],
