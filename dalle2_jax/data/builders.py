@@ -8,6 +8,11 @@ Both write ArrayRecord files into the TFDS data dir on first use and are read ba
   src = b.as_data_source('train')     # src[i]: dict of numpy, 'image' uint8 [64, 64, 3]
 
   b = folder_builder('/data/my_images', data_dir=...)   # split 'train'
+
+Once prepared, plain TFDS reads them too (after importing this module), e.g.
+  tfds.data_source('captioned_shapes/seed0_train512_test128_heldout128', split='heldout',
+                   data_dir=..., download=False)
+or, without this module, tfds.builder_from_directory(<data_dir>/captioned_shapes/<config>/1.0.0).
 """
 
 from __future__ import annotations
