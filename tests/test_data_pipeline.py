@@ -217,6 +217,7 @@ def test_image_folder_skips_corrupt_files(tmp_path, data_dir, caplog):
   assert builder.info.metadata['num_skipped'] == 2
   ex = pipeline.load_examples(config, 'train', 10)
   assert ex['image'].shape == (4, 64, 64, 3) and ex['image'].dtype == np.uint8
+  np.testing.assert_array_equal(ex['index'], [0, 1, 2, 3])
   # RGBA composited on black, grayscale replicated to three channels.
   names = [os.path.basename(p) for p, _ in builder.builder_config.pairs]
   assert 'e.jpg' in names and 'f.jpg' in names

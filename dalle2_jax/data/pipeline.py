@@ -496,15 +496,15 @@ def load_examples(config, split: str, num: int, image_size=None) -> dict:
   """The first `num` records of a split in stored order, as numpy (host side, no shuffling).
 
   Returns 'image' uint8 [N, S, S, 3] (S = image_size or config.data.image_size), 'caption'
-  list[str] (the first caption when there are several), and for captioned_shapes its
-  attributes 'objects' [N, 2, 5], 'num_objects', 'relation', 'names' [N, 4].
-  Undecodable images are skipped (so fewer than `num` may come back from a bad folder).
+  list[str] (the first caption when there are several), 'index' [N] (record numbers), and
+  for captioned_shapes its attributes 'objects' [N, 2, 5], 'num_objects', 'relation',
+  'names' [N, 4]. Undecodable images are skipped with a warning (then 'index' has gaps).
   """
   image_size = int(image_size or config.data.image_size)
   src, _ = open_source(config, split)
   num = min(int(num), len(src))
   extra = SHAPES_ATTRIBUTES if config.data.name == 'captioned_shapes' else ()
-  images, captions, attrs = [], [], {k: [] for k in extra}
+  images, captions, index, attrs = [], [], [], {k: [] for k in extra}
   for i in range(num):
     ex = src[i]
     try:
@@ -513,12 +513,13 @@ def load_examples(config, split: str, num: int, image_size=None) -> dict:
       logging.warning('load_examples: skipping record %d of %r (%s).', i, split, e)
       continue
     images.append(img)
+    index.append(i)
     captions.append(pick_caption(_get_path(ex, config.data.caption_key), None))
     for k in extra:
       attrs[k].append(np.asarray(ex[k]))
   out = {'image': (np.stack(images) if images else
                    np.zeros((0, image_size, image_size, 3), np.uint8)),
-         'caption': captions}
+         'caption': captions, 'index': np.asarray(index, np.int64)}
   for k, v in attrs.items():
     out[k] = np.stack(v) if v else np.zeros((0,))
   return out
