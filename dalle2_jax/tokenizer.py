@@ -23,7 +23,7 @@ import numpy as np
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
 BPE_PATH = os.path.join(ASSETS, 'bpe_simple_vocab_16e6.txt.gz')
 BPE_SHA256 = '924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a'
-_CACHE_SIZE = 200_000   # texts whose ids are kept
+_CACHE_SIZE = 100_000   # texts whose ids are kept (cleared when full)
 SOT = '<|startoftext|>'
 EOT = '<|endoftext|>'
 
@@ -112,6 +112,12 @@ class Tokenizer:
   def __setstate__(self, state):
     self.__init__(**state)
 
+  def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+    backend = getattr(self._hf, 'backend_tokenizer', None)
+    if backend is not None:   # the Rust tokenizer directly: skips transformers' wrapping
+      return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return self._hf(texts, add_special_tokens=False)['input_ids']
+
   def encode(self, text: str) -> list[int]:
     """BPE ids of one text without start/end tokens."""
     return self._hf(text, add_special_tokens=False)['input_ids']
@@ -129,7 +135,7 @@ class Tokenizer:
     if missing:
       if len(cache) + len(missing) > _CACHE_SIZE:
         cache.clear()
-      for t, seq in zip(missing, self._hf(missing, add_special_tokens=False)['input_ids']):
+      for t, seq in zip(missing, self._encode_batch(missing)):
         cache[t] = seq
     cut = 0
     for i, t in enumerate(texts):
