@@ -183,7 +183,7 @@ def test_coco64_config_on_coco_like_standin(data_dir):
   assert len(ex['caption']) == 7 and len(ex['index']) == 7
   # Stored order (TFDS shuffled it at build time), first of the five captions.
   assert all(c.startswith('caption 0 of image 20') for c in ex['caption'])
-  assert ex['image'].shape == (3, 64, 64, 3)
+  assert ex['image'].shape == (7, 64, 64, 3)
 
 
 # --- image folder -----------------------------------------------------------------------
