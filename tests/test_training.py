@@ -234,3 +234,27 @@ def test_image_grid():
   grid = writers.image_grid(images)
   assert grid.shape == (4, 4, 3) and grid.dtype == np.uint8
   assert grid[0, 0, 0] == 0 and grid[0, 2, 0] == 128 and grid[2, 0, 0] == 255
+
+
+def test_distributed_settings_flags_over_config_over_environment(monkeypatch):
+  from dalle2_jax.training import runtime  # pylint: disable=g-import-not-at-top
+  config = toy.toy_config()
+  config.distributed = dict(enabled=False, coordinator_address='', num_processes=0,
+                            process_id=-1)
+  assert runtime.distributed_settings(config) is None   # single process
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'env:1')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '4')
+  monkeypatch.setenv('JAX_PROCESS_ID', '3')
+  assert runtime.distributed_settings(config) == dict(
+      coordinator_address='env:1', num_processes=4, process_id=3)
+  config.distributed.update(coordinator_address='cfg:2', num_processes=2, process_id=1)
+  assert runtime.distributed_settings(config, process_id=0) == dict(
+      coordinator_address='cfg:2', num_processes=2, process_id=0)
+  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
+  config.distributed.update(coordinator_address='', num_processes=0, process_id=-1,
+                            enabled=True)   # e.g. Cloud TPU: JAX finds the cluster
+  assert runtime.distributed_settings(config) == dict(
+      coordinator_address=None, num_processes=4, process_id=3)
+  config.distributed.port = 1
+  with pytest.raises(ValueError, match=r"config\.distributed has unknown fields \['port'\]"):
+    runtime.distributed_settings(config)

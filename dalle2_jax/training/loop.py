@@ -126,8 +126,12 @@ def run(config: ml_collections.ConfigDict, workdir, stages=None, *,
   `devices` defaults to all devices.
   """
   stages = list(stages or config.stages)
+  mesh = sharding_lib.make_mesh(config, devices)
+  sharding_lib.axis_rules(config)
   for stage in stages:   # every stage's config is checked before anything compiles
     check_stage_config(config, stage)
+    sharding_lib.check_batch_size(stage, int(config[stage].batch_size),
+                                  int(config[stage].optim.grad_accum), mesh)
   results = {}
   watch = _PreemptionWatch()
   try:
