@@ -237,9 +237,17 @@ def convert_to_export(src: str, out: str) -> ml_collections.ConfigDict:
   return config
 
 
-_SRC = flags.DEFINE_string('src', None, 'Hugging Face CLIP directory (config.json + '
-                           'model.safetensors).')
-_OUT = flags.DEFINE_string('out', None, 'Output export directory.')
+_SRC = None
+_OUT = None
+
+
+def _define_flags():
+  """Command-line flags (defined only when run as a program, so that importing
+  several modules with flags never clashes)."""
+  global _SRC, _OUT
+  _SRC = flags.DEFINE_string('src', None, 'Hugging Face CLIP directory (config.json + '
+                             'model.safetensors).')
+  _OUT = flags.DEFINE_string('out', None, 'Output export directory.')
 
 
 def main(argv):
@@ -257,4 +265,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

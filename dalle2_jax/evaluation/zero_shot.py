@@ -149,13 +149,24 @@ def format_results(results: dict) -> str:
   return '\n'.join(lines)
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Experiment workdir: its clip/export is used.')
-_CLIP = flags.DEFINE_string('clip', None, 'A CLIP export dir (overrides --workdir).')
-_SPLITS = flags.DEFINE_list('splits', ['test', 'heldout'], 'captioned_shapes splits.')
-_NUM = flags.DEFINE_integer('num', 0, 'Examples per split (two-object ones are skipped); '
-                            '0 = the config data.shapes.num_<split>.')
-_OUT = flags.DEFINE_string('out', None, 'JSON results file; default <clip export>/../'
-                           'zero_shot.json.')
+_WORKDIR = None
+_CLIP = None
+_SPLITS = None
+_NUM = None
+_OUT = None
+
+
+def _define_flags():
+  """Command-line flags (defined only when run as a program, so that importing
+  several modules with flags never clashes)."""
+  global _WORKDIR, _CLIP, _SPLITS, _NUM, _OUT
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Experiment workdir: its clip/export is used.')
+  _CLIP = flags.DEFINE_string('clip', None, 'A CLIP export dir (overrides --workdir).')
+  _SPLITS = flags.DEFINE_list('splits', ['test', 'heldout'], 'captioned_shapes splits.')
+  _NUM = flags.DEFINE_integer('num', 0, 'Examples per split (two-object ones are skipped); '
+                              '0 = the config data.shapes.num_<split>.')
+  _OUT = flags.DEFINE_string('out', None, 'JSON results file; default <clip export>/../'
+                             'zero_shot.json.')
 
 
 def main(argv):
@@ -179,4 +190,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

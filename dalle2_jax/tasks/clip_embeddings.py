@@ -113,17 +113,31 @@ def precompute(config, clip_path: str, split: str, out_dir: str, num: int | None
   return meta
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config whose `data` is embedded (default: the config stored '
-    'in the CLIP export).', lock_config=False)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Experiment workdir.')
-_CLIP = flags.DEFINE_string('clip', None, 'CLIP export dir; default <workdir>/clip/export.')
-_SPLIT = flags.DEFINE_string('split', 'train', 'Dataset split.')
-_NUM = flags.DEFINE_integer('num', 0, 'Only the first NUM records (0 = all).')
-_OUT = flags.DEFINE_string('out', None, 'Output dir; default <workdir>/clip_embeddings/<split>.')
-_BATCH = flags.DEFINE_integer('batch_size', 256, 'Examples per CLIP call.')
-_TEXT_ENCODINGS = flags.DEFINE_bool('text_encodings', True,
-                                    'Also store per-token text encodings [N, L, W].')
+_CONFIG = None
+_WORKDIR = None
+_CLIP = None
+_SPLIT = None
+_NUM = None
+_OUT = None
+_BATCH = None
+_TEXT_ENCODINGS = None
+
+
+def _define_flags():
+  """Command-line flags (defined only when run as a program, so that importing
+  several modules with flags never clashes)."""
+  global _CONFIG, _WORKDIR, _CLIP, _SPLIT, _NUM, _OUT, _BATCH, _TEXT_ENCODINGS
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config whose `data` is embedded (default: the config stored '
+      'in the CLIP export).', lock_config=False)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Experiment workdir.')
+  _CLIP = flags.DEFINE_string('clip', None, 'CLIP export dir; default <workdir>/clip/export.')
+  _SPLIT = flags.DEFINE_string('split', 'train', 'Dataset split.')
+  _NUM = flags.DEFINE_integer('num', 0, 'Only the first NUM records (0 = all).')
+  _OUT = flags.DEFINE_string('out', None, 'Output dir; default <workdir>/clip_embeddings/<split>.')
+  _BATCH = flags.DEFINE_integer('batch_size', 256, 'Examples per CLIP call.')
+  _TEXT_ENCODINGS = flags.DEFINE_bool('text_encodings', True,
+                                      'Also store per-token text encodings [N, L, W].')
 
 
 def main(argv):
@@ -146,4 +160,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
