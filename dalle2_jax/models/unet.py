@@ -1,0 +1,399 @@
+"""The ADM / GLIDE UNet of unCLIP's decoder and upsamplers.
+
+`UNet` is the shared network (Dhariwal & Nichol 2021, "ADM"; Nichol et al. 2021, GLIDE):
+
+  * residual blocks: GroupNorm -> SiLU -> 3x3 conv, then GroupNorm modulated by a
+    scale and shift projected from the timestep embedding, SiLU, dropout, a zero-initialised
+    3x3 conv, and a 1x1 conv on the skip path when the channel count changes;
+  * resolution changes inside residual blocks (average pool down, nearest-neighbour up);
+  * `num_res_blocks` blocks per resolution, channel counts `channels * channel_mult[i]`;
+  * self-attention at the feature-map resolutions (in pixels) in `attention_resolutions`,
+    `head_channels` channels per head; when a `context` is given (the decoder's caption and
+    CLIP tokens) each attention layer projects it to keys and values of its own, joined in
+    front of the image's keys and values (GLIDE);
+  * optional rematerialisation of every block (`remat`), logical axis names on every
+    parameter ('conv_in', 'conv_out', 'embed', 'mlp', 'heads', 'kv') so FSDP shards it.
+
+Two thin wrappers add each stage's conditioning:
+
+  `Decoder`    the CLIP image embedding (a) projected and added to the timestep embedding,
+               (b) projected into `num_clip_tokens` extra context tokens joined to the
+               caption's token encodings (from the frozen CLIP text tower, or from the
+               decoder's own text transformer, `text_encoder='own'`). Classifier-free
+               guidance drops are given per example by `image_embed_keep` / `text_keep`:
+               a dropped CLIP embedding is replaced by a learned null embedding, a dropped
+               caption is masked out of every attention layer.
+  `Upsampler`  the low-resolution image, upsampled to the output size, concatenated to the
+               noisy input (3 + 3 channels), plus an optional embedding of the noise
+               level used to augment it. No attention, no text: it is size agnostic, so it
+               trains on crops and samples at full size.
+
+All tensors are NHWC; `t` is the (integer or float) diffusion timestep per example.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dalle2_jax.models import layers
+from dalle2_jax.models.conv import Conv
+
+Array = jax.Array
+Dtype = Any
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim] (ADM order)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+  """ADM uses 32 groups; smaller nets use the largest divisor of `channels` <= 32."""
+  for g in range(min(max_groups, channels), 0, -1):
+    if channels % g == 0:
+      return g
+  return 1
+
+
+def group_norm(channels: int, dtype: Dtype, param_dtype: Dtype, name: str | None = None
+               ) -> nn.GroupNorm:
+  return nn.GroupNorm(
+      num_groups=num_groups(channels), epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+      name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (None,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype,
+          param_dtype: Dtype, name: str | None = None, zero: bool = False) -> nn.Dense:
+  init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(init, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
+def upsample_nearest(x: Array) -> Array:
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def downsample_avg(x: Array) -> Array:
+  b, h, w, c = x.shape
+  if h % 2 or w % 2:
+    raise ValueError(f'UNet: feature map {h}x{w} cannot be halved; the image size must be '
+                     f'divisible by 2**(len(channel_mult) - 1).')
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def upsample_low_res(low_res: Array, size: Sequence[int]) -> Array:
+  """The upsamplers' view of their low-resolution input: bilinear resize to `size`."""
+  b, _, _, c = low_res.shape
+  return jax.image.resize(low_res, (b, size[0], size[1], c), method='bilinear',
+                          antialias=False)
+
+
+class ResBlock(nn.Module):
+  """ADM residual block with scale-shift norm and optional up/down sampling."""
+  out_channels: int
+  dropout: float = 0.0
+  up: bool = False
+  down: bool = False
+  deterministic: bool = True
+  custom_conv_grad: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, emb: Array) -> Array:
+    conv = functools.partial(Conv, custom_grad=self.custom_conv_grad, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    in_ch = x.shape[-1]
+    h = nn.silu(group_norm(in_ch, self.dtype, self.param_dtype, 'in_norm')(x))
+    if self.up:
+      h, x = upsample_nearest(h), upsample_nearest(x)
+    elif self.down:
+      h, x = downsample_avg(h), downsample_avg(x)
+    h = conv(self.out_channels, name='in_conv')(h)
+    scale_shift = dense(2 * self.out_channels, ('mlp', 'conv_out'), self.dtype,
+                        self.param_dtype, 'emb_proj')(nn.silu(emb))
+    scale, shift = jnp.split(scale_shift[:, None, None, :].astype(self.dtype), 2, axis=-1)
+    h = group_norm(self.out_channels, self.dtype, self.param_dtype, 'out_norm')(h)
+    h = nn.silu(h * (1 + scale) + shift)
+    h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
+    h = conv(self.out_channels, kernel_init=nn.initializers.zeros, name='out_conv')(h)
+    if in_ch != self.out_channels:
+      x = conv(self.out_channels, (1, 1), name='skip')(x)
+    return x.astype(self.dtype) + h
+
+
+class AttentionBlock(nn.Module):
+  """Self-attention over the feature map, optionally also attending to context tokens."""
+  head_channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array | None = None,
+               context_mask: Array | None = None) -> Array:
+    b, h, w, c = x.shape
+    if c % self.head_channels:
+      raise ValueError(f'UNet attention: {c} channels are not divisible by head_channels '
+                       f'{self.head_channels} (config model.head_channels).')
+    y = group_norm(c, self.dtype, self.param_dtype, 'norm')(x).reshape(b, h * w, c)
+    y = layers.MultiHeadAttention(
+        num_heads=c // self.head_channels, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='attn')(y, context=context, context_mask=context_mask)
+    return x + y.reshape(b, h, w, c).astype(x.dtype)
+
+
+class UNet(nn.Module):
+  """The ADM UNet. See the module docstring.
+
+  Attributes:
+    channels: base channel count (ADM `model_channels`).
+    out_channels: 3, or 6 with a learned variance (the model predicts the interpolation
+      coefficient of the log-variance in the extra 3 channels).
+    channel_mult: channel multiplier per resolution (its length - 1 halvings).
+    num_res_blocks: residual blocks per resolution (the decoder path has one more).
+    attention_resolutions: feature-map sizes (pixels) at which attention layers sit.
+    head_channels: channels per attention head.
+    dropout: dropout rate inside residual blocks.
+    remat: rematerialise every block in the backward pass.
+    custom_conv_grad: fast hand-written convolution gradients on CPU.
+  """
+  channels: int
+  out_channels: int = 3
+  channel_mult: Sequence[int] = (1, 2, 4)
+  num_res_blocks: int = 2
+  attention_resolutions: Sequence[int] = ()
+  head_channels: int = 64
+  dropout: float = 0.0
+  remat: bool = False
+  custom_conv_grad: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def emb_dim(self) -> int:
+    """Width of the timestep embedding (conditioning added to it must have this width)."""
+    return 4 * self.channels
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, extra_emb: Array | None = None,
+               context: Array | None = None, context_mask: Array | None = None,
+               train: bool = False) -> Array:
+    """x: [B, H, W, C_in]; t: [B]; extra_emb: [B, emb_dim]; context: [B, M, D]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    res_block = nn.remat(ResBlock) if self.remat else ResBlock
+    attn_block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+    res = functools.partial(res_block, dropout=self.dropout, deterministic=not train,
+                            custom_conv_grad=self.custom_conv_grad, **kw)
+    attn = functools.partial(attn_block, head_channels=self.head_channels, **kw)
+
+    emb = timestep_embedding(t, self.channels)
+    emb = dense(self.emb_dim, ('embed', 'mlp'), self.dtype, self.param_dtype,
+                'time_embed_0')(emb)
+    emb = dense(self.emb_dim, ('mlp', 'embed'), self.dtype, self.param_dtype,
+                'time_embed_1')(nn.silu(emb))
+    if extra_emb is not None:
+      if extra_emb.shape[-1] != self.emb_dim:
+        raise ValueError(f'extra_emb width {extra_emb.shape[-1]} != UNet emb_dim '
+                         f'{self.emb_dim} (4 * channels).')
+      emb = emb + extra_emb.astype(emb.dtype)
+
+    size = x.shape[1]
+    uses_attention = lambda level: (size >> level) in tuple(self.attention_resolutions)
+    h = Conv(self.channels * self.channel_mult[0], custom_grad=self.custom_conv_grad,
+             kernel_axes=(None, None, None, 'conv_out'), name='conv_in', **kw)(x)
+    skips = [h]
+    # Encoder.
+    for level, mult in enumerate(self.channel_mult):
+      for i in range(self.num_res_blocks):
+        h = res(self.channels * mult, name=f'down_{level}_res_{i}')(h, emb)
+        if uses_attention(level):
+          h = attn(name=f'down_{level}_attn_{i}')(h, context, context_mask)
+        skips.append(h)
+      if level != len(self.channel_mult) - 1:
+        h = res(h.shape[-1], down=True, name=f'down_{level}_downsample')(h, emb)
+        skips.append(h)
+    # Middle.
+    last = len(self.channel_mult) - 1
+    h = res(h.shape[-1], name='mid_res_0')(h, emb)
+    if self.attention_resolutions:   # ADM always has middle attention when it has any
+      h = attn(name='mid_attn')(h, context, context_mask)
+    h = res(h.shape[-1], name='mid_res_1')(h, emb)
+    # Decoder.
+    for level in range(last, -1, -1):
+      mult = self.channel_mult[level]
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
+        h = res(self.channels * mult, name=f'up_{level}_res_{i}')(h, emb)
+        if uses_attention(level):
+          h = attn(name=f'up_{level}_attn_{i}')(h, context, context_mask)
+      if level:
+        h = res(h.shape[-1], up=True, name=f'up_{level}_upsample')(h, emb)
+    assert not skips
+    h = nn.silu(group_norm(h.shape[-1], self.dtype, self.param_dtype, 'out_norm')(h))
+    h = Conv(self.out_channels, custom_grad=self.custom_conv_grad,
+             kernel_init=nn.initializers.zeros, kernel_axes=(None, None, 'conv_in', None),
+             name='conv_out', **kw)(h)
+    return h.astype(jnp.float32)
+
+
+class TextEncoder(nn.Module):
+  """The decoder's own caption encoder (GLIDE): token + position embeddings, a
+  bidirectional transformer over the non-padding tokens, a final LayerNorm."""
+  width: int
+  depth: int
+  heads: int
+  vocab_size: int = 49408
+  context_length: int = 77
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> tuple[Array, Array]:
+    """tokens: int32 [B, L], zero-padded -> (text_encodings [B, L, width], mask [B, L])."""
+    if tokens.shape[1] > self.context_length:
+      raise ValueError(f'{tokens.shape[1]} tokens > decoder text context_length '
+                       f'{self.context_length} (config decoder.model.text.context_length).')
+    mask = tokens != 0
+    x = nn.Embed(self.vocab_size, self.width, param_dtype=self.param_dtype,
+                 embedding_init=nn.with_logical_partitioning(
+                     nn.initializers.normal(0.02), ('vocab', 'embed')),
+                 name='token_embedding')(tokens).astype(self.dtype)
+    pos = self.param('positional_embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(0.01), ('length', 'embed')),
+                     (self.context_length, self.width), self.param_dtype)
+    x = x + pos[None, :tokens.shape[1]].astype(self.dtype)
+    x = layers.Transformer(width=self.width, depth=self.depth, num_heads=self.heads,
+                           remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name='transformer')(x, mask=mask)
+    x = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='ln_final')(x)
+    return x, mask
+
+
+class Decoder(nn.Module):
+  """unCLIP's 64 px decoder: a UNet conditioned on a CLIP image embedding and a caption.
+
+  Attributes:
+    unet: the UNet (its `out_channels` 6 for a learned variance).
+    num_clip_tokens: extra context tokens projected from the CLIP image embedding (paper 4).
+    text_encoder: 'clip' (caption token encodings from the frozen CLIP text tower, passed
+      as `text_encodings`) or 'own' (a `TextEncoder` trained with the decoder, fed `tokens`).
+    text: TextEncoder fields (width, depth, heads, vocab_size, context_length), 'own' only.
+  """
+  unet: UNet
+  num_clip_tokens: int = 4
+  text_encoder: str = 'clip'
+  text: dict | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, clip_image_embed: Array,
+               text_encodings: Array | None = None, text_mask: Array | None = None,
+               tokens: Array | None = None, image_embed_keep: Array | None = None,
+               text_keep: Array | None = None, train: bool = False) -> Array:
+    """Predicts the diffusion target for x [B, H, W, 3] at timestep t [B].
+
+    clip_image_embed: [B, E]. text_encodings/text_mask: [B, L, D] / [B, L] bool
+    ('clip' encoder). tokens: int32 [B, L] ('own' encoder). image_embed_keep/text_keep:
+    bool [B], False where classifier-free guidance drops that condition (None = keep all).
+    """
+    b = x.shape[0]
+    if self.text_encoder == 'own':
+      if tokens is None:
+        raise ValueError("Decoder with text_encoder='own' needs `tokens`.")
+      text_encodings, text_mask = TextEncoder(**(self.text or {}), dtype=self.dtype,
+                                              param_dtype=self.param_dtype,
+                                              remat=self.unet.remat, name='text')(tokens)
+    elif self.text_encoder != 'clip':
+      raise ValueError(f"Unknown decoder text_encoder {self.text_encoder!r}: use 'clip' "
+                       "(frozen CLIP text tower) or 'own' (config decoder.model.text_encoder).")
+    embed_dim = clip_image_embed.shape[-1]
+    null_embed = self.param('null_image_embed', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0 / math.sqrt(embed_dim)), (None,)), (embed_dim,),
+                            self.param_dtype)
+    z = clip_image_embed.astype(self.dtype)
+    if image_embed_keep is not None:
+      z = jnp.where(image_embed_keep[:, None], z, null_embed[None].astype(self.dtype))
+    extra_emb = dense(self.unet.emb_dim, (None, 'mlp'), self.dtype, self.param_dtype,
+                      'clip_embed_proj')(z)
+    context = context_mask = None
+    if self.num_clip_tokens or text_encodings is not None:
+      width = text_encodings.shape[-1] if text_encodings is not None else embed_dim
+      context = dense(self.num_clip_tokens * width, (None, 'embed'), self.dtype,
+                      self.param_dtype, 'clip_tokens_proj')(z)
+      context = context.reshape(b, self.num_clip_tokens, width)
+      context_mask = jnp.ones((b, self.num_clip_tokens), jnp.bool_)
+      if text_encodings is not None:
+        if text_mask is None:
+          text_mask = jnp.ones(text_encodings.shape[:2], jnp.bool_)
+        text_mask = jnp.asarray(text_mask, jnp.bool_)
+        if text_keep is not None:
+          text_mask = text_mask & text_keep[:, None]
+        text_encodings = text_encodings.astype(self.dtype) * text_mask[..., None]
+        context = jnp.concatenate([context, text_encodings], axis=1)
+        context_mask = jnp.concatenate([context_mask, text_mask], axis=1)
+    return self.unet(x, t, extra_emb=extra_emb, context=context, context_mask=context_mask,
+                     train=train)
+
+
+class Upsampler(nn.Module):
+  """A super-resolution UNet: the low-res image (upsampled) concatenated to the input.
+
+  Attributes:
+    unet: the UNet (no attention, so any input size works).
+    noise_level_cond: embed the noise-augmentation level `noise_level` and add it to the
+      timestep embedding.
+  """
+  unet: UNet
+  noise_level_cond: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, low_res: Array, noise_level: Array | None = None,
+               train: bool = False) -> Array:
+    """x: [B, H, W, 3] noisy high-res; low_res: [B, h, w, 3] (resized to H x W if needed);
+    noise_level: [B] timestep of the low-res noise augmentation (0 = none)."""
+    if low_res.shape[1:3] != x.shape[1:3]:
+      low_res = upsample_low_res(low_res, x.shape[1:3])
+    h = jnp.concatenate([x.astype(self.dtype), low_res.astype(self.dtype)], axis=-1)
+    extra_emb = None
+    if self.noise_level_cond:
+      if noise_level is None:
+        noise_level = jnp.zeros((x.shape[0],), jnp.float32)
+      e = timestep_embedding(noise_level, self.unet.channels)
+      e = dense(self.unet.emb_dim, (None, 'mlp'), self.dtype, self.param_dtype,
+                'noise_level_embed_0')(e)
+      extra_emb = dense(self.unet.emb_dim, ('mlp', 'embed'), self.dtype, self.param_dtype,
+                        'noise_level_embed_1')(nn.silu(e))
+    return self.unet(h, t, extra_emb=extra_emb, train=train)
+
+
+def unet_from_config(model_config, out_channels: int, remat: bool = False,
+                     dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> UNet:
+  """A UNet from a config section's `model` fields (see configs/tiny.py)."""
+  m = model_config
+  return UNet(channels=m.channels, out_channels=out_channels,
+              channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
+              attention_resolutions=tuple(m.attention_resolutions),
+              head_channels=m.head_channels, dropout=m.dropout, remat=remat,
+              custom_conv_grad=m.get('custom_conv_grad', True), dtype=dtype,
+              param_dtype=param_dtype)
