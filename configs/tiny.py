@@ -101,7 +101,8 @@ def get_config(arg=None):
   c.decoder.model = dict(
       channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
       head_channels=8, dropout=0.0, num_clip_tokens=4, text_encoder='clip',
-      image_embed_drop_prob=0.1, text_drop_prob=0.5, custom_conv_grad=True)
+      image_embed_drop_prob=0.1, text_drop_prob=0.5,
+      custom_conv_grad=False)   # True: hand-written CPU conv gradient (bench/conv_grad.py)
   c.decoder.diffusion = dict(schedule='cosine', timesteps=1000, objective='eps',
                              learned_variance=True, vlb_weight=0.001)
   c.decoder.sample = dict(sampler='ddim', steps=8, guidance_scale=3.0)
@@ -109,12 +110,13 @@ def get_config(arg=None):
   c.upsampler = stage('upsampler', steps=4, batch_size=4, lr=1e-3)
   c.upsampler.low_res = 32      # the image it conditions on (a resized dataset image)
   c.upsampler.high_res = 64     # the image it makes
+  c.upsampler.image_size = c.upsampler.get_ref('high_res')   # what the input pipeline loads
   c.upsampler.crop_frac = 0.5   # trains on random crops of this fraction of high_res
   c.upsampler.degradation = 'blur'   # 'blur' (first upsampler) or 'bsr' (second)
   c.upsampler.noise_aug = 0.0        # max noise level of low-res noise augmentation
   c.upsampler.model = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1,
                            attention_resolutions=(), head_channels=8, dropout=0.0,
-                           custom_conv_grad=True)
+                           custom_conv_grad=False)
   c.upsampler.diffusion = dict(schedule='cosine', timesteps=1000, objective='eps',
                                learned_variance=False)
   c.upsampler.sample = dict(sampler='ddim', steps=4)
