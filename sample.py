@@ -73,6 +73,8 @@ _UPSAMPLER_ETA = flags.DEFINE_float('upsampler_eta', None, 'Upsampler DDIM eta.'
                                     lower_bound=0.0)
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 0, 'Images per jitted call (0 = all at '
                                    'once); results do not depend on it.', lower_bound=0)
+_UPSAMPLE = flags.DEFINE_bool('upsample', True, 'Run the upsampler stages (--noupsample: '
+                              'stop at the decoder\'s resolution).')
 _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype of every '
                            'stage (default: each stage\'s config).')
 _OUTDIR = flags.DEFINE_string('outdir', 'samples', 'Where images, grid.png and samples.jsonl '
@@ -169,7 +171,7 @@ def main(argv):
   t0 = time.time()
   try:
     unclip = sampling.UnCLIP.from_workdir(_WORKDIR.value, exports=exports,
-                                          dtype=_DTYPE.value)
+                                          dtype=_DTYPE.value, upsamplers=_UPSAMPLE.value)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -184,6 +186,7 @@ def main(argv):
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  print(f'sampling ({mode}); the first batch compiles the chain', flush=True)
   common = dict(seed=seed, settings=settings, progress=_progress,
                 batch_size=_BATCH_SIZE.value or None)
   base = {'mode': mode, 'seed': seed, 'settings': settings.to_dict()}

@@ -376,12 +376,14 @@ class UnCLIP:
   # --- construction -----------------------------------------------------------------------
   @classmethod
   def from_workdir(cls, workdir: str | None = None, exports: dict[str, str] | None = None,
-                   devices=None, dtype: str | None = None) -> 'UnCLIP':
+                   devices=None, dtype: str | None = None,
+                   upsamplers: bool = True) -> 'UnCLIP':
     """Loads every stage of a run from <workdir>/<stage>/export (or `exports[stage]`).
 
     Each export carries the config it was trained with; `dtype` ('float32' or 'bfloat16')
-    overrides every stage's compute dtype. A missing stage raises FileNotFoundError naming
-    the stage and the command that trains it.
+    overrides every stage's compute dtype; `upsamplers=False` stops at the decoder's
+    resolution. A missing stage raises FileNotFoundError naming the stage and the command
+    that trains it.
     """
     from dalle2_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
     from dalle2_jax.training import export  # pylint: disable=g-import-not-at-top
@@ -391,6 +393,8 @@ class UnCLIP:
     by_task: dict[str, list[str]] = {}
     for s in stages:
       by_task.setdefault(config[s].get('task', s), []).append(s)
+    if not upsamplers:
+      by_task.pop('upsampler', None)
     for task in ('prior', 'decoder'):
       if len(by_task.get(task, [])) != 1:
         raise ValueError(f'The run\'s config.stages {tuple(stages)} must hold exactly one '
@@ -624,11 +628,12 @@ class UnCLIP:
     out = np.zeros((len(expanded), self.image_size, self.image_size, 3), np.uint8)
     groups = [(~uncond, settings),
               (uncond, settings.replace_stage('prior', guidance_scale=0.0))]
-    done = [0]
+    done, t0 = [0], time.time()
 
     def group_progress(d, n, seconds):
+      del n, seconds
       if progress is not None:
-        progress(done[0] + d, len(expanded), seconds)
+        progress(done[0] + d, len(expanded), time.time() - t0)
     for sel, s in groups:
       if sel.any():
         fn = self._cached(('generate', s), lambda s=s: self._generate_fn(s))

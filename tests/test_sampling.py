@@ -1,0 +1,127 @@
+"""The unCLIP sampler on random-weight stages: determinism across devices, manipulations,
+bad input. (Quality is checked by the end-to-end and evaluation runs, not here.)"""
+
+import os
+import shutil
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+import sampling_testutil
+from dalle2_jax import sampling
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  return sampling_testutil.make_workdir(str(tmp_path_factory.mktemp('unclip')))
+
+
+@pytest.fixture(scope='module')
+def unclip(workdir):
+  return sampling.UnCLIP.from_workdir(workdir)
+
+
+def test_loads_every_stage_from_its_export(unclip):
+  assert unclip.stage_names == ('clip', 'prior', 'decoder', 'upsampler')
+  assert len(unclip.devices) == 8
+  assert unclip.image_size == 32 and unclip.decoder_image_size == 16
+  s = unclip.default_settings()   # each stage's config.sample section
+  assert (s.prior.steps, s.decoder.steps, s.upsamplers[0].steps) == (2, 2, 2)
+  assert s.prior.num_candidates == 2 and s.decoder.guidance_scale == 3.0
+
+
+def test_same_seed_same_images_on_1_and_8_devices(workdir, unclip):
+  prompts = ['a large red circle in the top left', 'a small blue square', '']
+  images8 = unclip(prompts, seed=3, num_images_per_prompt=2)
+  assert images8.shape == (6, 32, 32, 3) and images8.dtype == np.uint8
+  one = sampling.UnCLIP.from_workdir(workdir, devices=jax.devices()[:1])
+  assert len(one.devices) == 1
+  images1 = one(prompts[:2], seed=3, num_images_per_prompt=2)
+  diff = np.abs(images8[:4].astype(int) - images1.astype(int))
+  assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+  # Every image has its own noise, and the seed matters.
+  assert np.abs(images8[0].astype(int) - images8[1]).mean() > 1
+  assert np.abs(unclip(prompts[:1], seed=4)[0].astype(int) - images8[0]).mean() > 1
+  # An image depends only on (seed, index, prompt): a prefix of the batch is unchanged.
+  np.testing.assert_array_equal(unclip(prompts[:1], seed=3, num_images_per_prompt=2),
+                                images8[:2])
+  # The empty prompt (unconditional) is deterministic too.
+  np.testing.assert_array_equal(unclip(prompts, seed=3, num_images_per_prompt=2)[4:],
+                                images8[4:])
+
+
+def test_manipulations(unclip):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+
+  variations = unclip.variations(images, seed=1, num_variations=3)
+  assert variations.shape == (6, 32, 32, 3)
+  assert np.abs(variations[0].astype(int) - variations[1]).mean() > 1   # new noise
+
+  frames = unclip.interpolate(images[0], images[1], frames=5, seed=2)
+  assert frames.shape == (5, 32, 32, 3)
+  z = unclip.encode_image(images)
+  ends = unclip.decode(z, seed=2, same_noise=True)
+  np.testing.assert_array_equal(frames[0], ends[0])
+  np.testing.assert_array_equal(frames[-1], ends[1])
+  # Frames move away from the first one step by step.
+  dist = [np.abs(f.astype(int) - frames[0]).mean() for f in frames]
+  assert dist[0] == 0 and all(a < b for a, b in zip(dist[1:], dist[2:])), dist
+
+  diffs = unclip.text_diff(images[0], 'a red circle', 'a red square', thetas=[0.0, 0.5],
+                           seed=2)
+  assert diffs.shape == (2, 32, 32, 3)
+  np.testing.assert_array_equal(diffs[0], ends[0])   # theta = 0 is the image's embedding
+
+  mask = np.zeros((16, 16), bool)
+  mask[4:12, 4:12] = True
+  s = unclip.default_settings()
+  no_up = sampling.UnCLIP(unclip.config, unclip.clip, unclip.prior, unclip.decoder, [])
+  painted = no_up.inpaint(images[0], mask, 'a green triangle', seed=0, num_images=2,
+                          resample=2, settings=sampling.Settings(s.prior, s.decoder, ()))
+  assert painted.shape == (2, 16, 16, 3)
+  np.testing.assert_array_equal(painted[:, ~mask], np.broadcast_to(images[0][~mask],
+                                                                    (2,) + images[0][~mask].shape))
+  assert not np.array_equal(painted[:, mask], np.broadcast_to(images[0][mask],
+                                                             (2,) + images[0][mask].shape))
+
+
+def test_missing_stage_names_the_stage_and_command(workdir, tmp_path):
+  partial = str(tmp_path / 'run')
+  shutil.copytree(workdir, partial)
+  shutil.rmtree(os.path.join(partial, 'decoder'))
+  with pytest.raises(FileNotFoundError,
+                     match=r"(?s)Stage 'decoder'.*train\.py.*--stage decoder"):
+    sampling.UnCLIP.from_workdir(partial)
+  with pytest.raises(FileNotFoundError, match='does not exist.*train.py'):
+    sampling.UnCLIP.from_workdir(str(tmp_path / 'nothing'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(FileNotFoundError, match='No trained stage.*train.py'):
+    sampling.UnCLIP.from_workdir(str(tmp_path / 'empty'))
+  # A stage can come from elsewhere.
+  u = sampling.UnCLIP.from_workdir(partial,
+                                   exports={'decoder': os.path.join(workdir, 'decoder', 'export')})
+  assert u.decoder.name == 'decoder'
+
+
+def test_bad_settings_and_prompts(unclip, tmp_path):
+  s = unclip.default_settings()
+  with pytest.raises(ValueError, match='decoder: steps=5000'):
+    unclip.validate(s.replace_stage('decoder', steps=5000))
+  with pytest.raises(ValueError, match='guidance_scale'):
+    unclip.validate(s.replace_stage('prior', guidance_scale=-2.0))
+  with pytest.raises(ValueError, match='upsampler'):
+    unclip.validate(sampling.Settings(s.prior, s.decoder, ()))
+  with pytest.raises(ValueError, match='num_images_per_prompt'):
+    unclip(['x'], num_images_per_prompt=0)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    tokens = unclip.tokenize(['red ' * 100, 'a red circle'])
+  assert tokens.shape == (2, 32)
+  assert any('truncated' in str(w.message) for w in caught)
+  bad = tmp_path / 'broken.png'
+  bad.write_bytes(b'not a png')
+  with pytest.raises(ValueError, match='broken.png'):
+    unclip.variations([str(bad)])
