@@ -107,7 +107,7 @@ def time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> dict[str, floa
     times.append(time.perf_counter() - t0)
   q = statistics.quantiles(times, n=4) if len(times) >= 4 else [times[0], 0, times[-1]]
   return dict(median_s=statistics.median(times), min_s=min(times),
-              mean_s=statistics.fmean(times), iqr_s=q[2] - q[0], n=len(times))
+              mean_s=statistics.fmean(times), iqr_s=max(q[2] - q[0], 0.0), n=len(times))
 
 
 def write_json(name: str, payload: dict[str, Any]) -> str:

@@ -224,7 +224,7 @@ def main():
   sample_rows = []
   for n in sample_names:
     spec = matched.SAMPLING[n]
-    ours = sampling_bench.run_in_subprocess(n, repeats=2)
+    ours = sampling_bench.run_in_subprocess(n, repeats=spec.get('repeats', 2))
     peer = run_peer(a.peer_python, [spec['peer']], a.threads)
     peer = [p for p in peer if p.get('name') == n] or [dict(name=n, error='no output')]
     raw['ours_sampling'].append(ours)

@@ -22,11 +22,14 @@ mapping and the parameter counts are documented in bench/README.md; in short:
 from __future__ import annotations
 
 CONTEXT_LENGTH = 32   # caption tokens (ours: tokenizer.context_length; theirs: max_text_len)
+# The decoder and upsampler rows use the hand-written CPU convolution gradient, as
+# configs/shapes.py (the CPU default) does; the unet_s_* pair measures both.
+CUSTOM_CONV_GRAD = True
 
 
 def _decoder(name, size, batch, image_size, channels, channel_mult, num_res_blocks,
              attention_resolutions, head_channels, embed_dim, text_width, peer_heads,
-             steps=20, warmup=3):
+             steps=12, warmup=2):
   n_levels = len(channel_mult)
   return dict(
       name=name, kind='decoder', size=size, steps=steps, warmup=warmup,
@@ -37,7 +40,7 @@ def _decoder(name, size, batch, image_size, channels, channel_mult, num_res_bloc
                      num_res_blocks=num_res_blocks,
                      attention_resolutions=tuple(attention_resolutions),
                      head_channels=head_channels, dropout=0.0, num_clip_tokens=4,
-                     text_encoder='clip')),
+                     text_encoder='clip', custom_conv_grad=CUSTOM_CONV_GRAD)),
       peer=dict(
           name=name, kind='decoder', batch=batch, image_size=image_size, dim=channels,
           dim_mults=list(channel_mult), num_resnet_blocks=num_res_blocks,
@@ -48,7 +51,7 @@ def _decoder(name, size, batch, image_size, channels, channel_mult, num_res_bloc
 
 
 def _upsampler(name, size, batch, low_res, high_res, crop, channels, channel_mult,
-               num_res_blocks, embed_dim, steps=20, warmup=3):
+               num_res_blocks, embed_dim, steps=12, warmup=2):
   return dict(
       name=name, kind='upsampler', size=size, steps=steps, warmup=warmup,
       ours=dict(
@@ -56,15 +59,16 @@ def _upsampler(name, size, batch, low_res, high_res, crop, channels, channel_mul
           crop_frac=crop / high_res, clip=dict(embed_dim=embed_dim, text_width=embed_dim),
           model=dict(channels=channels, channel_mult=tuple(channel_mult),
                      num_res_blocks=num_res_blocks, attention_resolutions=(),
-                     head_channels=32, dropout=0.0)),
+                     head_channels=32, dropout=0.0, custom_conv_grad=CUSTOM_CONV_GRAD)),
       peer=dict(
           name=name, kind='upsampler', batch=batch, low_res=low_res, high_res=high_res,
           crop_size=crop, dim=channels, dim_mults=list(channel_mult),
           num_resnet_blocks=num_res_blocks, self_attn=[False] * len(channel_mult),
-          image_embed_dim=embed_dim, train=dict(steps=steps, warmup=warmup)))
+          attend_at_middle=False, image_embed_dim=embed_dim,
+          train=dict(steps=steps, warmup=warmup)))
 
 
-def _prior(name, size, batch, width, depth, heads, peer_ff_mult, steps=20, warmup=3):
+def _prior(name, size, batch, width, depth, heads, peer_ff_mult, steps=12, warmup=2):
   return dict(
       name=name, kind='prior', size=size, steps=steps, warmup=warmup,
       ours=dict(stage='prior', batch_size=batch,
@@ -89,12 +93,12 @@ _DEC_S = _decoder('decoder_s', 's', batch=8, image_size=32, channels=64, channel
 _DEC_M = _decoder('decoder_m', 'm', batch=4, image_size=64, channels=64,
                   channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                   attention_resolutions=(32, 16, 8), head_channels=64, embed_dim=64,
-                  text_width=128, peer_heads=4, steps=10, warmup=2)
+                  text_width=128, peer_heads=4, steps=6, warmup=2)
 _UP_S = _upsampler('upsampler_s', 's', batch=8, low_res=32, high_res=64, crop=32, channels=64,
                    channel_mult=(1, 2, 3), num_res_blocks=2, embed_dim=64)
 _UP_M = _upsampler('upsampler_m', 'm', batch=4, low_res=64, high_res=128, crop=64,
                    channels=64, channel_mult=(1, 2, 3), num_res_blocks=2, embed_dim=64,
-                   steps=10, warmup=2)
+                   steps=6, warmup=2)
 _PRIOR_S = _prior('prior_s', 's', batch=32, width=256, depth=4, heads=4, peer_ff_mult=3.5)
 _PRIOR_M = _prior('prior_m', 'm', batch=32, width=512, depth=8, heads=8, peer_ff_mult=3.5)
 
@@ -146,6 +150,7 @@ def _peer_pipeline(name, steps, batch, n_up, settings):
                        dim_mults=list(u['model']['channel_mult']),
                        num_resnet_blocks=u['model']['num_res_blocks'],
                        self_attn=[False] * len(u['model']['channel_mult']),
+                       attend_at_middle=False,
                        image_embed_dim=_PIPE_CLIP['embed_dim']) for u in _PIPE_UP[:n_up]])
 
 
@@ -154,6 +159,7 @@ def _pipeline(name, preset, steps, batch):
   settings = dict(steps=tuple(steps), prior_guidance=4.0, decoder_guidance=3.0,
                   num_candidates=2)
   return dict(name=name, preset=preset, mode='pipeline', batch=batch, clip=_PIPE_CLIP,
+              repeats=2 if preset == 'fast' else 1,
               prior=_PIPE_PRIOR, decoder=_PIPE_DECODER, upsamplers=_PIPE_UP[:n_up],
               settings=settings, peer=_peer_pipeline(name, steps, batch, n_up, settings))
 

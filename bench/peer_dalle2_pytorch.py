@@ -111,6 +111,20 @@ def _unet(c, lowres=False):
       init_cross_embed=c.get('init_cross_embed', True))
 
 
+def _attend_at_middle(decoder, unet_configs):
+  """Applies `attend_at_middle=False` (accepted but ignored by Unet 1.15.6, which always
+  builds a middle self-attention) by removing the layer: forward skips a None mid_attn.
+
+  Done after the Decoder is built because Decoder re-instantiates its Unets
+  (`cast_model_parameters`). The upsamplers (no attention, as in the paper and ours) need
+  it: at 128 px sampling their middle attention alone is 4096 tokens wide.
+  """
+  for unet, c in zip(decoder.unets, unet_configs):
+    if not c.get('attend_at_middle', True):
+      unet.mid_attn = None
+  return decoder
+
+
 def build_decoder(c):
   unet = _unet(c)
   return d2.Decoder(unet, image_sizes=(c['image_size'],), timesteps=1000,
@@ -134,11 +148,12 @@ def build_upsampler(c):
   base.setdefault('image_embed_dim', c['image_embed_dim'])
   unets = (_unet(base), _unet(c, lowres=True))
   crop = c.get('crop_size')
-  return d2.Decoder(unets, image_sizes=(c['low_res'], c['high_res']), timesteps=1000,
-                    image_cond_drop_prob=0.1, text_cond_drop_prob=0.5,
-                    learned_variance=(True, False), auto_normalize_img=False,
-                    random_crop_sizes=(None, crop) if crop else None,
-                    beta_schedule=('cosine', 'cosine'))
+  dec = d2.Decoder(unets, image_sizes=(c['low_res'], c['high_res']), timesteps=1000,
+                   image_cond_drop_prob=0.1, text_cond_drop_prob=0.5,
+                   learned_variance=(True, False), auto_normalize_img=False,
+                   random_crop_sizes=(None, crop) if crop else None,
+                   beta_schedule=('cosine', 'cosine'))
+  return _attend_at_middle(dec, (base, c))
 
 
 def upsampler_inputs(c, batch):
@@ -302,6 +317,7 @@ def bench_pipeline(c):
                        learned_variance=(True,) + (False,) * (n - 1),
                        auto_normalize_img=False, beta_schedule=('cosine',) * n,
                        sample_timesteps=tuple(c['steps'][1:1 + n]))
+  _attend_at_middle(decoder, [dec_c] + list(c.get('upsamplers', [])))
   prior.eval()
   decoder.eval()
   batch, cands = c['batch'], c.get('num_candidates', 1)
