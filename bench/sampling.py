@@ -76,10 +76,10 @@ def build_unclip(spec: dict):
     b = jax.tree.map(jax.numpy.asarray, task.prepare_batch(dict(
         fake if host_batch is None else host_batch)))
 
-    def init(rng, b):
+    def init():
       with nn.logical_axis_rules(()):
-        return nn.unbox(task.init(rng, b))
-    return jax.jit(init)(rng, b)   # jitted: eager init of a UNet is slow
+        return task.init(rng, b)
+    return ours.random_like(init)
 
   pt = prior_task.PriorTask(config, 'prior', '', frozen_clip=clip)
   dt = decoder_task.DecoderTask(config, 'decoder', '', frozen_clip=clip)
