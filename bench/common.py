@@ -22,6 +22,12 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 
+def pin_prefix() -> list[str]:
+  """['taskset', '-c', CORE] when BENCH_PIN_CORE is set (compare.py --pin_core), else []."""
+  core = os.environ.get('BENCH_PIN_CORE', '')
+  return ['taskset', '-c', core] if core else []
+
+
 def rss_peak_mb() -> float:
   """Peak resident set size of this process so far (MiB), from getrusage."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

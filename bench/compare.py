@@ -55,7 +55,8 @@ def run_peer(python: str, configs: list[dict], threads: int, matmul_peak: bool =
     with tempfile.NamedTemporaryFile('w', suffix='.json', delete=False) as f:
       json.dump(dict(threads=threads, configs=group), f)
       spec = f.name
-    cmd = [python, PEER, '--spec', spec] + (['--matmul_peak'] if matmul_peak else [])
+    cmd = common.pin_prefix() + [python, PEER, '--spec', spec] + (
+        ['--matmul_peak'] if matmul_peak else [])
     # Run from a neutral directory: the peer's package name must not resolve to a local path.
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                        cwd=tempfile.gettempdir(), env=dict(os.environ, TQDM_DISABLE='1'))
@@ -172,8 +173,14 @@ def main():
   ap.add_argument('--peer_python', default='/work/d2pt/bin/python')
   ap.add_argument('--threads', type=int, default=os.cpu_count() or 2,
                   help='torch intra-op threads (XLA uses every core)')
+  ap.add_argument('--pin_core', default='',
+                  help='run both sides on this one core (taskset; torch 1 thread): a check '
+                       'that is less sensitive to other load on the machine')
   ap.add_argument('--out', default='compare_cpu.json', help='file name in bench/results/')
   a = ap.parse_args()
+  if a.pin_core:
+    os.environ['BENCH_PIN_CORE'] = a.pin_core
+    a.threads = 1
   if not os.path.exists(a.peer_python):
     sys.exit(f'No peer python at {a.peer_python}: create the venv (see the module docstring) '
              'or pass --peer_python.')
@@ -191,7 +198,7 @@ def main():
 
   t_start = time.time()
   load_before = common.load_snapshot()
-  jax_peak = common.matmul_peak_jax()
+  jax_peak = common.matmul_peak_jax() if not a.pin_core else train_step.matmul_peak_subprocess()
   peer_env = run_peer(a.peer_python, [], a.threads, matmul_peak=True)
   torch_peak = peer_env[0].get('matmul_peak_flops_per_s', 0.0) if peer_env else 0.0
   peak = max(jax_peak, torch_peak)
@@ -199,6 +206,18 @@ def main():
         f'GFLOP/s; load {load_before["loadavg_1_5_15"]}', flush=True)
 
   train_rows, raw = [], dict(ours_train=[], peer_train=[], ours_sampling=[], peer_sampling=[])
+  sample_rows = []
+
+  def save(done: bool):
+    return common.write_json(a.out, dict(
+        benchmark='compare_dalle2_pytorch', complete=done,
+        command='python bench/compare.py ' + ' '.join(sys.argv[1:]),
+        env=dict(ours=common.jax_environment(),
+                 peer=(peer_env[0].get('env') if peer_env else None)),
+        matmul_peak_f32_flops_per_s=dict(jax=jax_peak, torch=torch_peak, used=peak),
+        load_before=load_before, load_after=common.load_snapshot(),
+        wall_s=time.time() - t_start, train=train_rows, sampling=sample_rows,
+        targets=targets(train_rows, sample_rows), raw=raw))
   peer_cache = {}   # the conv-gradient pair shares one peer config: measure it once
   for n in train_names:
     spec = matched.CONFIGS[n]
@@ -220,8 +239,8 @@ def main():
     else:
       print(f'{n}: ours {common.fmt_s(row["ours_step_s"])}, theirs '
             f'{common.fmt_s(row["peer_step_s"])}: {row["speedup"]:.2f}x', flush=True)
+    save(False)
 
-  sample_rows = []
   for n in sample_names:
     spec = matched.SAMPLING[n]
     ours = sampling_bench.run_in_subprocess(n, repeats=spec.get('repeats', 2))
@@ -236,6 +255,7 @@ def main():
     else:
       print(f'{n}: ours {common.fmt_s(row["ours_latency_s"])}, theirs '
             f'{common.fmt_s(row["peer_latency_s"])}: {row["speedup"]:.2f}x', flush=True)
+    save(False)
 
   print_tables(train_rows, sample_rows)
   tgt = targets(train_rows, sample_rows)
@@ -243,15 +263,7 @@ def main():
   for k, v in tgt.items():
     sp = f'{v["speedup"]:.2f}x' if v['speedup'] else 'n/a'
     print(f'  {k:20s} {v["target"]:34s} {sp:>8s}  {"MET" if v["met"] else "NOT MET"}')
-  path = common.write_json(a.out, dict(
-      benchmark='compare_dalle2_pytorch',
-      command='python bench/compare.py ' + ' '.join(sys.argv[1:]),
-      env=dict(ours=common.jax_environment(),
-               peer=(peer_env[0].get('env') if peer_env else None)),
-      matmul_peak_f32_flops_per_s=dict(jax=jax_peak, torch=torch_peak, used=peak),
-      load_before=load_before, load_after=common.load_snapshot(),
-      wall_s=time.time() - t_start, train=train_rows, sampling=sample_rows, targets=tgt,
-      raw=raw))
+  path = save(True)
   print('wrote', path)
 
 

@@ -131,7 +131,8 @@ def run_one(name: str, repeats: int) -> dict:
 
 
 def run_in_subprocess(name: str, repeats: int, timeout: float = 1800) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), '--child', name, '--repeats', str(repeats)]
+  cmd = common.pin_prefix() + [sys.executable, os.path.abspath(__file__), '--child', name,
+                              '--repeats', str(repeats)]
   p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                      cwd=common.REPO_ROOT)
   lines = [l for l in p.stdout.splitlines() if l.startswith('{')]

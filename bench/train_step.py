@@ -103,7 +103,8 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
 
 def run_in_subprocess(name: str, steps: int, warmup: int, custom_conv_grad=None,
                       peak: float | None = None, timeout: float = 900) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), '--child', name, '--steps', str(steps),
+  cmd = common.pin_prefix() + [sys.executable, os.path.abspath(__file__), '--child', name,
+         '--steps', str(steps),
          '--warmup', str(warmup)]
   if custom_conv_grad is not None:
     cmd += ['--custom_conv_grad', str(int(custom_conv_grad))]
@@ -115,6 +116,15 @@ def run_in_subprocess(name: str, steps: int, warmup: int, custom_conv_grad=None,
   if p.returncode or not lines:
     return dict(name=name, error=(p.stderr or p.stdout)[-3000:])
   return json.loads(lines[-1])
+
+
+def matmul_peak_subprocess() -> float:
+  """The jax f32 matmul peak measured in a child process (pinned like the benchmarks)."""
+  cmd = common.pin_prefix() + [sys.executable, '-c',
+                               'import sys; sys.path.insert(0, %r); from bench import common; '
+                               'print(common.matmul_peak_jax())' % common.REPO_ROOT]
+  p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=common.REPO_ROOT)
+  return float(p.stdout.strip().splitlines()[-1])
 
 
 def main():
