@@ -44,6 +44,16 @@ def test_classify_with_oracle_and_confused_embeddings():
   assert tuple(p[1:]) == (0, 0, 0) and p[0] in (0, 1)
 
 
+def test_partial_prompts():
+  for name in zero_shot.ATTRIBUTES:
+    captions, values, shapes, t = zero_shot.partial_prompts(name)
+    n = zero_shot.NUM_VALUES[name]
+    assert len(captions) == t * len(values) == t * (3 if name == 'shape' else 3 * n)
+    assert set(values) == set(range(n)) and set(shapes) == {0, 1, 2}
+  captions, _, _, _ = zero_shot.partial_prompts('position')
+  assert captions[0] == 'a circle in the top left'
+
+
 def test_command_line_on_an_untrained_clip(tmp_path):
   c = tiny.get_config()
   task = clip_task.ClipTask(c, 'clip', str(tmp_path))
@@ -54,7 +64,7 @@ def test_command_line_on_an_untrained_clip(tmp_path):
   frozen = clip_lib.FrozenClip.load(tmp_path / 'clip' / 'export')
   assert frozen.image_size == 32 and frozen.context_length == c.tokenizer.context_length
   r = subprocess.run([sys.executable, '-m', 'dalle2_jax.evaluation.zero_shot', '--workdir',
-                      str(tmp_path), '--num', '12'], cwd=ROOT, capture_output=True, text=True,
+                      str(tmp_path), '--num', '12', '--method', 'partial'], cwd=ROOT, capture_output=True, text=True,
                      timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
   assert r.returncode == 0, r.stderr[-3000:]
   results = json.loads((tmp_path / 'clip' / 'zero_shot.json').read_text())

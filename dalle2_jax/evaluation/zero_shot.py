@@ -11,6 +11,9 @@ bottom", ...); the text embeddings of a combination's templates are averaged (pr
 ensembling). An attribute's score is the log-sum-exp of the image's CLIP logits over every
 combination with that attribute value (its marginal under CLIP's softmax); the prediction is
 the best-scoring value. Reports accuracy per attribute and for all four at once.
+`--method partial` instead uses the dataset's partial captions naming the shape and the one
+attribute ("a red circle", "a large circle", "a circle in the top left", "a circle"),
+marginalised over the shape.
 
 Two-object images are skipped (an attribute is ambiguous there); `heldout` images hold a
 (colour, shape) pair that never appears in training, so its accuracy measures compositional
@@ -59,6 +62,38 @@ def attribute_prompts(num_templates: int = NUM_POS_TEMPLATES):
   return captions, np.asarray(attrs, np.int32)
 
 
+def partial_prompts(attribute: str):
+  """Prompts naming the shape and (unless attribute == 'shape') one other attribute.
+
+  The dataset's partial captions ("a red circle", "a large square", "a triangle in the top
+  left", "a circle") leave attributes out, so these prompts name no unseen (colour, shape)
+  pair except in the colour prompts. Returns (captions [C*T], values [C], shapes [C], T).
+  """
+  names = np.zeros(4, bool)
+  names[0] = True
+  if attribute != 'shape':
+    names[cs.NAME_FIELDS.index(attribute)] = True
+  num_templates = NUM_POS_TEMPLATES if attribute == 'position' else 4
+  captions, values, shapes = [], [], []
+  for shape in range(len(cs.SHAPES)):
+    for v in range(NUM_VALUES[attribute] if attribute != 'shape' else 1):
+      objects = np.zeros((2, 5), np.int32)
+      objects[1] = -1
+      objects[0, cs.SHAPE] = shape
+      if attribute == 'colour':
+        objects[0, cs.COLOUR] = v
+      elif attribute == 'size':
+        objects[0, cs.SIZE] = v
+      elif attribute == 'position':
+        objects[0, cs.ROW], objects[0, cs.COL] = v // 3, v % 3
+      values.append(shape if attribute == 'shape' else v)
+      shapes.append(shape)
+      for t in range(num_templates):
+        captions.append(cs.caption_of(dict(objects=objects, names=names, template=t,
+                                           num_objects=1, relation=-1)))
+  return captions, np.asarray(values), np.asarray(shapes), num_templates
+
+
 def image_attributes(objects: np.ndarray) -> np.ndarray:
   """objects [N, 2, 5] (shape, colour, size, row, col) -> [N, 4] in ATTRIBUTES order."""
   o = np.asarray(objects)[:, 0]
@@ -71,15 +106,20 @@ def _batched(fn, x, batch_size):
                          for i in range(0, len(x), batch_size)], axis=0)
 
 
-def prompt_embeddings(frozen: clip_lib.FrozenClip, tokenizer, batch_size: int = 256):
-  """-> (class embeddings [324, D] unit norm, attributes [324, 4])."""
-  captions, attrs = attribute_prompts()
+def _text_embeddings(frozen, tokenizer, captions, num_templates, batch_size=256):
+  """Unit-norm template-averaged embeddings [len(captions) // num_templates, D]."""
   tokens = tokenizer(captions)
   fn = jax.jit(lambda p, t: clip_lib.encode_text(frozen.config, p, t)[0])
   emb = _batched(lambda t: fn(frozen.params, t), tokens, batch_size)
   emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
-  emb = emb.reshape(len(attrs), NUM_POS_TEMPLATES, -1).mean(1)
-  return emb / np.linalg.norm(emb, axis=-1, keepdims=True), attrs
+  emb = emb.reshape(len(captions) // num_templates, num_templates, -1).mean(1)
+  return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+
+
+def prompt_embeddings(frozen: clip_lib.FrozenClip, tokenizer, batch_size: int = 256):
+  """-> (class embeddings [324, D] unit norm, attributes [324, 4])."""
+  captions, attrs = attribute_prompts()
+  return _text_embeddings(frozen, tokenizer, captions, NUM_POS_TEMPLATES, batch_size), attrs
 
 
 def image_embeddings(frozen: clip_lib.FrozenClip, images_uint8: np.ndarray,
@@ -106,6 +146,26 @@ def classify(image_embeds: np.ndarray, class_embeds: np.ndarray, class_attrs: np
   return np.stack(preds, axis=1)
 
 
+def _logsumexp_by(logits, groups, num):
+  out = np.full((logits.shape[0], num), -np.inf)
+  for v in range(num):
+    sel = logits[:, groups == v]
+    m = sel.max(1, keepdims=True)
+    out[:, v] = (m + np.log(np.exp(sel - m).sum(1, keepdims=True)))[:, 0]
+  return out
+
+
+def classify_partial(frozen, tokenizer, image_embeds: np.ndarray, scale: float) -> np.ndarray:
+  """Per-attribute prediction from partial prompts, marginalised over the shape: [N, 4]."""
+  preds = []
+  for name in ATTRIBUTES:
+    captions, values, _, t = partial_prompts(name)
+    emb = _text_embeddings(frozen, tokenizer, captions, t)
+    logits = scale * np.asarray(image_embeds, np.float64) @ emb.astype(np.float64).T
+    preds.append(_logsumexp_by(logits, values, NUM_VALUES[name]).argmax(1))
+  return np.stack(preds, axis=1)
+
+
 def accuracy(preds: np.ndarray, truth: np.ndarray) -> dict[str, float]:
   out = {name: float(np.mean(preds[:, a] == truth[:, a])) for a, name in enumerate(ATTRIBUTES)}
   out['all'] = float(np.mean(np.all(preds == truth, axis=1)))
@@ -121,15 +181,26 @@ def load_split(split: str, num: int, seed: int = 0) -> dict:
 
 
 def evaluate(frozen: clip_lib.FrozenClip, tokenizer, splits: Sequence[str] = ('test', 'heldout'),
-             num: int | dict = 256, seed: int = 0) -> dict[str, dict[str, float]]:
-  """Per-split, per-attribute zero-shot accuracy (plus 'all' and 'num_images')."""
+             num: int | dict = 256, seed: int = 0, method: str = 'full'
+             ) -> dict[str, dict[str, float]]:
+  """Per-split, per-attribute zero-shot accuracy (plus 'all' and 'num_images').
+
+  method: 'full' (marginals over all 324 full captions) or 'partial' (prompts naming the
+  shape and the one attribute, marginalised over the shape; see `partial_prompts`).
+  """
+  if method not in ('full', 'partial'):
+    raise ValueError(f"Zero-shot method must be 'full' or 'partial', not {method!r}.")
   class_embeds, class_attrs = prompt_embeddings(frozen, tokenizer)
   scale = float(clip_lib.logit_scale(frozen.params))
   results = {}
   for split in splits:
     n = num[split] if isinstance(num, dict) else num
     data = load_split(split, n, seed)
-    preds = classify(image_embeddings(frozen, data['image']), class_embeds, class_attrs, scale)
+    image_embeds = image_embeddings(frozen, data['image'])
+    if method == 'full':
+      preds = classify(image_embeds, class_embeds, class_attrs, scale)
+    else:
+      preds = classify_partial(frozen, tokenizer, image_embeds, scale)
     res = accuracy(preds, image_attributes(data['objects']))
     res['num_images'] = int(len(preds))
     results[split] = res
@@ -154,12 +225,13 @@ _CLIP = None
 _SPLITS = None
 _NUM = None
 _OUT = None
+_METHOD = None
 
 
 def _define_flags():
   """Command-line flags (defined only when run as a program, so that importing
   several modules with flags never clashes)."""
-  global _WORKDIR, _CLIP, _SPLITS, _NUM, _OUT
+  global _WORKDIR, _CLIP, _SPLITS, _NUM, _OUT, _METHOD
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Experiment workdir: its clip/export is used.')
   _CLIP = flags.DEFINE_string('clip', None, 'A CLIP export dir (overrides --workdir).')
   _SPLITS = flags.DEFINE_list('splits', ['test', 'heldout'], 'captioned_shapes splits.')
@@ -167,6 +239,9 @@ def _define_flags():
                               '0 = the config data.shapes.num_<split>.')
   _OUT = flags.DEFINE_string('out', None, 'JSON results file; default <clip export>/../'
                              'zero_shot.json.')
+  _METHOD = flags.DEFINE_enum('method', 'full', ['full', 'partial'],
+                              "Prompts: 'full' (all 324 full captions, marginals) or "
+                              "'partial' (shape + one attribute, marginalised over shape).")
 
 
 def main(argv):
@@ -181,7 +256,7 @@ def main(argv):
                                 context_length=frozen.context_length)
   num = {s: _NUM.value or _default_num(config, s) for s in _SPLITS.value}
   seed = int(config.get('data', {}).get('shapes', {}).get('seed', 0)) if config else 0
-  results = evaluate(frozen, tok, _SPLITS.value, num, seed)
+  results = evaluate(frozen, tok, _SPLITS.value, num, seed, _METHOD.value)
   print(format_results(results))
   out = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(path)), 'zero_shot.json')
   with open(out, 'w') as f:
