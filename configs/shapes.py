@@ -82,13 +82,25 @@ def get_config(arg=None):
       logit_scale_init=2.6592,   # log(1/0.07); exp(logit_scale) is clamped at 100
   )
 
-  c.prior = stage('prior', steps=4, batch_size=16, lr=1e-3)
+  # Prior: on `test` captions, sampled image embeddings have a mean cosine with the true ones
+  # >= 0.1 above the text embedding's (python -m dalle2_jax.tasks.prior --workdir W).
+  # Measured (CLIP after 500 steps, 20000 train examples, 2 candidates, 64 DDIM steps):
+  # test 0.907 vs 0.802, heldout 0.900 vs 0.733 (mean-image baseline 0.44 / 0.52).
+  c.prior = stage('prior', steps=1000, batch_size=64, lr=1e-3)
+  c.prior.image_size = 64        # = clip.image_size: images only go through the frozen CLIP
+  c.prior.optim.warmup_steps = 100
+  c.prior.ema.decay = 0.995
+  c.prior.log_every = 50
+  c.prior.ckpt_every = 500
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
-  c.prior.model = dict(width=32, depth=1, heads=2, cond_drop_prob=0.1,
-                       embed_norm='l2')   # 'l2' (x sqrt(dim)) or 'standardize'
+  c.prior.model = dict(width=128, depth=2, heads=4, cond_drop_prob=0.1,
+                       embed_norm='standardize',   # 'l2' (x sqrt(dim)) or 'standardize'
+                       stats_examples=4096)        # standardize: training examples used
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)
-  c.prior.sample = dict(sampler='ddim', steps=8, guidance_scale=1.0, num_candidates=2)
+  # sampler: 'ddim' | 'ddpm' | 'dpmpp_2m'; spacing: 'trailing' | 'leading' | 'linspace'
+  c.prior.sample = dict(sampler='ddim', steps=64, guidance_scale=1.0, num_candidates=2,
+                        spacing='trailing')
 
   c.decoder = stage('decoder', steps=4, batch_size=8, lr=1e-3)
   c.decoder.clip_checkpoint = ''
