@@ -189,7 +189,8 @@ def main(argv):
   print(f'sampling ({mode}); the first batch compiles the chain', flush=True)
   common = dict(seed=seed, settings=settings, progress=_progress,
                 batch_size=_BATCH_SIZE.value or None)
-  base = {'mode': mode, 'seed': seed, 'settings': settings.to_dict()}
+  base = {'mode': mode, 'seed': seed, 'settings': settings.to_dict(),
+          'dtype': unclip.dtypes}
   records, ncols = [], None
   if mode == 'generate':
     images = unclip(prompts, num_images_per_prompt=num, **common)

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from typing import Any, Callable, Sequence
-import warnings
+import warnings  # pylint: disable=g-bad-import-order
 
 import jax
 import jax.numpy as jnp
@@ -446,6 +446,12 @@ class UnCLIP:
                [stage(s) for s in by_task.get('upsampler', [])], devices=devices)
 
   @property
+  def dtypes(self) -> dict[str, str]:
+    """Compute dtype of each diffusion stage (from its config, or the `dtype` override)."""
+    stages = (self.prior, self.decoder) + self.upsamplers
+    return {s.name: str(s.task.stage_config.get('dtype', 'float32')) for s in stages}
+
+  @property
   def stage_names(self) -> tuple[str, ...]:
     return ('clip', self.prior.name, self.decoder.name) + tuple(u.name for u in self.upsamplers)
 
@@ -643,15 +649,17 @@ class UnCLIP:
     return out
 
   def image_embeddings(self, prompts: Sequence[str], seed: int = 0,
-                       settings: Settings | None = None,
-                       batch_size: int | None = None) -> np.ndarray:
-    """The prior alone: CLIP image embeddings [N, D] for prompts (those `__call__` decodes
-    for the same seed, one image per prompt)."""
+                       settings: Settings | None = None, batch_size: int | None = None,
+                       indices: Sequence[int] | None = None) -> np.ndarray:
+    """The prior alone: CLIP image embeddings [N, D] for prompts, with the noise of
+    `indices` (default 0..N-1): those `__call__` decodes for the same seed, one image per
+    prompt."""
     settings = self._settings(settings)
     tokens = self.tokenize(prompts)
+    indices = range(len(prompts)) if indices is None else indices
     fn = self._cached(('prior', settings.prior), lambda: self._prior_fn(settings))
-    return self._run_batched(fn, [self._keys(seed, range(len(prompts))), tokens],
-                             batch_size, self.params)
+    return self._run_batched(fn, [self._keys(seed, indices), tokens], batch_size,
+                             self.params)
 
   def decode(self, image_embeds, seed: int = 0, prompts: Sequence[str] | None = None,
              settings: Settings | None = None, same_noise: bool = False,
@@ -702,7 +710,7 @@ class UnCLIP:
   def _endpoint_embed(self, x, index: int, seed: int, settings: Settings) -> np.ndarray:
     """A prompt (through the prior, with the noise of `index`) or an image (CLIP)."""
     if isinstance(x, str):
-      return self.image_embeddings([x] * (index + 1), seed, settings)[index]
+      return self.image_embeddings([x], seed, settings, indices=[index])[0]
     return self.encode_image(self._as_images(x))[0]
 
   def interpolate(self, a, b, frames: int = 8, seed: int = 0,

@@ -70,6 +70,11 @@ def test_manipulations(unclip):
   dist = [np.abs(f.astype(int) - frames[0]).mean() for f in frames]
   assert dist[0] == 0 and all(a < b for a, b in zip(dist[1:], dist[2:])), dist
 
+  prompt_frames = unclip.interpolate('a red circle', 'a blue square', frames=3, seed=2)
+  z_prompts = unclip.image_embeddings(['a red circle', 'a blue square'], seed=2)
+  np.testing.assert_array_equal(prompt_frames[[0, -1]],
+                                unclip.decode(z_prompts, seed=2, same_noise=True))
+
   diffs = unclip.text_diff(images[0], 'a red circle', 'a red square', thetas=[0.0, 0.5],
                            seed=2)
   assert diffs.shape == (2, 32, 32, 3)
