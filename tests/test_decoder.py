@@ -1,0 +1,144 @@
+"""The decoder stage: guidance drops, task plumbing, FLOPs, and overfitting a fixed batch of
+8 captioned_shapes images whose DDIM samples must score as the right shapes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from dalle2_jax import tokenizer as tokenizer_lib
+from dalle2_jax.data import captioned_shapes as cs
+from dalle2_jax.data import pipeline
+from dalle2_jax.data import scoring
+from dalle2_jax.models import clip as clip_lib
+from dalle2_jax.tasks import decoder as decoder_task
+
+SIZE = 32
+
+
+def make_config(**model):
+  c = tiny.get_config()
+  c.unlock()
+  c.decoder.image_size = SIZE
+  c.clip.image_size = SIZE
+  c.decoder.model.update(model)
+  return c
+
+
+def random_clip(c) -> clip_lib.FrozenClip:
+  """A random-weight tiny CLIP (no trained one is needed to test the decoder's plumbing)."""
+  mc = clip_lib.model_config_from(c, 'clip')
+  params = clip_lib.build_model(mc).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, c.tokenizer.context_length), jnp.int32),
+      jnp.zeros((1, SIZE, SIZE, 3)))['params']
+  return clip_lib.FrozenClip(params=nn.unbox(params), config=mc)
+
+
+@pytest.fixture(scope='module')
+def shapes():
+  """8 captioned_shapes train examples at 32 px (generated directly, as the dataset does)."""
+  ex = [cs.make_example('train', i) for i in range(8)]
+  images = np.stack([pipeline.decode_image(cs.png_bytes(e['image']), SIZE) for e in ex])
+  out = {k: np.stack([e[k] for e in ex]) for k in ('objects', 'num_objects', 'relation',
+                                                   'names')}
+  out['image'] = images
+  out['caption'] = [e['caption'] for e in ex]
+  return out
+
+
+def test_cond_drop_fractions_match_config():
+  c = make_config(image_embed_drop_prob=0.1, text_drop_prob=0.5)
+  n = 20000
+  keep_img, keep_txt = decoder_task.cond_drop_masks(
+      jax.random.PRNGKey(0), n, c.decoder.model.image_embed_drop_prob,
+      c.decoder.model.text_drop_prob)
+  drop_img, drop_txt = 1 - float(keep_img.mean()), 1 - float(keep_txt.mean())
+  tol = lambda p: 4 * np.sqrt(p * (1 - p) / n)  # noqa: E731
+  assert abs(drop_img - 0.1) < tol(0.1) and abs(drop_txt - 0.5) < tol(0.5)
+  # Independent: both dropped about 5% of the time.
+  both = float(jnp.mean(~keep_img & ~keep_txt))
+  assert abs(both - 0.05) < tol(0.05)
+
+
+def test_loss_drops_conditioning_at_the_configured_rate(shapes):
+  """Through the task's loss (what training runs): a batch of 512 at 8 px."""
+  c = make_config(image_embed_drop_prob=0.25, text_drop_prob=0.5, channel_mult=(1,),
+                  attention_resolutions=(8,))
+  c.decoder.image_size = 8
+  task = decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=random_clip(c))
+  n = 512
+  tokens = tokenizer_lib.Tokenizer.from_config(c)(shapes['caption'])
+  batch = dict(image=jnp.zeros((n, SIZE, SIZE, 3)), tokens=jnp.tile(tokens, (n // 8, 1)))
+  params = task.init(jax.random.PRNGKey(0), {k: v[:2] for k, v in batch.items()})
+  _, m = jax.jit(task.loss)(nn.unbox(params), batch, jax.random.PRNGKey(1))
+  tol = lambda p: 4 * np.sqrt(p * (1 - p) / n)  # noqa: E731
+  assert abs(float(m['image_embed_drop_frac']) - 0.25) < tol(0.25)
+  assert abs(float(m['text_drop_frac']) - 0.5) < tol(0.5)
+  _, m = jax.jit(lambda p, b, r: task.loss(p, b, r, train=False))(nn.unbox(params), batch,
+                                                                  jax.random.PRNGKey(1))
+  assert float(m['image_embed_drop_frac']) == 0 and float(m['text_drop_frac']) == 0
+  assert task.flops_per_example() > 0
+
+
+def test_config_errors():
+  c = make_config(text_encoder='t5')
+  with pytest.raises(ValueError, match='text_encoder'):
+    decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=random_clip(c))
+  c = make_config(text_drop_prob=1.5)
+  with pytest.raises(ValueError, match='text_drop_prob'):
+    decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=random_clip(c))
+  c = make_config()
+  with pytest.raises(FileNotFoundError, match='CLIP'):
+    decoder_task.DecoderTask(c, 'decoder', '/tmp/no_such_workdir')
+
+
+OVERFIT_STEPS = 600
+
+
+def test_tiny_decoder_overfits_a_fixed_batch(shapes):
+  """The tiny decoder (16 channels, 32 px) memorises 8 captioned images; DDIM samples for
+  those 8 conditions are scored by the spec's rule.
+
+  The CLIP is random (no trained one is needed to memorise 8 pairs), and its image
+  embeddings of black-background images are nearly parallel (cosine ~0.99), so the batch's
+  embeddings are standardised per dimension (as precomputed embeddings would be with
+  Karlo-style statistics) and given as `clip_image_embed`. The x0 objective and no guidance
+  drops make memorising quick; the paper's eps + learned variance is exercised elsewhere.
+  """
+  c = make_config(image_embed_drop_prob=0.0, text_drop_prob=0.0)
+  c.decoder.diffusion.update(objective='x0', learned_variance=False)
+  frozen = random_clip(c)
+  task = decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=frozen)
+  images = jnp.asarray(shapes['image'].astype(np.float32) / 127.5 - 1.0)
+  z = clip_lib.encode_image(frozen.config, frozen.params, images)
+  z = (z - z.mean(0)) / z.std(0)
+  tokens = jnp.asarray(tokenizer_lib.Tokenizer.from_config(c)(shapes['caption']))
+  batch = dict(image=images, tokens=tokens, clip_image_embed=z)
+  params = nn.unbox(task.init(jax.random.PRNGKey(1), batch))
+  opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, OVERFIT_STEPS, 3e-4))
+  state = opt.init(params)
+
+  @jax.jit
+  def step(p, s, rng):
+    (loss, _), g = jax.value_and_grad(task.loss, has_aux=True)(p, batch, rng, frozen.params)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  rng = jax.random.PRNGKey(2)
+  losses = []
+  for _ in range(OVERFIT_STEPS):
+    rng, k = jax.random.split(rng)
+    params, state, loss = step(params, state, k)
+    losses.append(float(loss))
+  assert np.mean(losses[-50:]) < 0.1 * np.mean(losses[:5])
+  x = jax.jit(lambda p, r: task.generate(p, frozen.params, tokens, r, clip_image_embed=z,
+                                         steps=25, guidance_scale=1.0))(
+                                             params, jax.random.PRNGKey(3))
+  samples = np.asarray(jnp.round((x + 1) * 127.5)).clip(0, 255).astype(np.uint8)
+  got = scoring.score_images(samples, shapes)
+  truth = scoring.score_images(shapes['image'], shapes)   # the rule on the real images
+  right = sum(g['shape'] for g in got)
+  assert right >= sum(t['shape'] for t in truth) - 1, (got, truth)
