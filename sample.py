@@ -147,6 +147,9 @@ def _settings(unclip):
     if _UPSAMPLER_STEPS.value:
       settings = settings.with_upsampler_steps([int(v) for v in _UPSAMPLER_STEPS.value])
     unclip.validate(settings)
+    if _MODE.value == 'inpaint' and settings.decoder.sampler not in ('ddim', 'ddpm'):
+      raise ValueError(f'--mode inpaint needs --decoder_sampler ddim or ddpm (the decoder '
+                       f'samples with {settings.decoder.sampler!r}).')
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   return settings

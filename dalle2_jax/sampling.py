@@ -223,13 +223,18 @@ def save_png(path: str, image: np.ndarray):
 def write_samples(outdir: str, images: np.ndarray, records: Sequence[dict[str, Any]],
                   ncols: int | None = None) -> list[str]:
   """Writes images as 0000.png, 0001.png, ... (in the given order), grid.png and
-  samples.jsonl (one record per image plus its `file`). Returns the image paths."""
+  samples.jsonl (one record per image plus its `file`). Numbered PNGs of an earlier run in
+  `outdir` beyond the new ones are removed, so the directory matches samples.jsonl.
+  Returns the image paths."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   images = np.asarray(images)
   if len(records) != len(images):
     raise ValueError(f'{len(images)} images but {len(records)} records.')
   out = epath.Path(outdir)
   out.mkdir(parents=True, exist_ok=True)
+  for old in out.glob('[0-9][0-9][0-9][0-9].png'):
+    if int(old.name[:4]) >= len(images):
+      old.unlink()
   paths, lines = [], []
   for i, (image, record) in enumerate(zip(images, records)):
     name = f'{i:04d}.png'

@@ -94,6 +94,9 @@ def test_write_samples(tmp_path):
   lines = [json.loads(l) for l in (tmp_path / 'samples.jsonl').read_text().splitlines()]
   assert [l['file'] for l in lines] == [f'{i:04d}.png' for i in range(5)]
   assert [l['prompt'] for l in lines] == [f'p{i}' for i in range(5)]
+  # A second, smaller run into the same directory leaves no stale images behind.
+  sampling.write_samples(str(tmp_path), images[:2], records[:2])
+  assert sorted(os.listdir(tmp_path)) == ['0000.png', '0001.png', 'grid.png', 'samples.jsonl']
 
 
 def test_load_image_errors_name_the_file(tmp_path):
