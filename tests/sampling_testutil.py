@@ -38,6 +38,8 @@ def micro_config() -> ml_collections.ConfigDict:
   # predicting x0 instead keeps random-weight images dependent on their conditioning.
   c.decoder.diffusion.objective = 'x0'
   c.upsampler.diffusion.objective = 'x0'
+  # As configs/shapes.py (tiny's 'l2' is covered by the end-to-end test).
+  c.prior.model.embed_norm = 'standardize'
   return c
 
 
@@ -75,12 +77,17 @@ def make_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
     if kind == 'clip':
       task = tasks.get_task(config, stage, workdir)
     elif kind == 'prior':
-      task = prior_task.PriorTask(config, stage, workdir, frozen_clip=clip)
+      d = int(config.clip.model.embed_dim)
+      stats = {'image_mean': np.zeros(d), 'image_std': np.full(d, 0.5),
+               'text_mean': np.zeros(d), 'text_std': np.full(d, 0.5)}
+      task = prior_task.PriorTask(config, stage, workdir, frozen_clip=clip, stats=stats)
     elif kind == 'decoder':
       task = decoder_task.DecoderTask(config, stage, workdir, frozen_clip=clip)
     else:
       task = tasks.get_task(config, stage, workdir)
     params = _random_params(jax.eval_shape(task.init, rng, batch), i)
+    if kind == 'prior' and 'embed_stats' in params:
+      params['embed_stats'] = {k: np.asarray(v, np.float32) for k, v in stats.items()}
     if kind == 'clip':
       params['logit_scale'] = np.asarray(np.log(10.0), np.float32)
     if stage not in skip:
