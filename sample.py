@@ -71,7 +71,7 @@ _UPSAMPLER_STEPS = flags.DEFINE_list('upsampler_steps', None, 'Upsampler steps: 
                                      'one per upsampler stage (e.g. 27,15).')
 _UPSAMPLER_ETA = flags.DEFINE_float('upsampler_eta', None, 'Upsampler DDIM eta.',
                                     lower_bound=0.0)
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 0, 'Images per jitted call (0 = all at '
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per jitted call (0 = all at '
                                    'once); results do not depend on it.', lower_bound=0)
 _UPSAMPLE = flags.DEFINE_bool('upsample', True, 'Run the upsampler stages (--noupsample: '
                               'stop at the decoder\'s resolution).')

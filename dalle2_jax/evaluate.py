@@ -175,8 +175,8 @@ def _define_flags():
   flags.DEFINE_integer('prior_steps', None, 'Prior steps.', lower_bound=1)
   flags.DEFINE_integer('decoder_steps', None, 'Decoder steps.', lower_bound=1)
   flags.DEFINE_integer('upsampler_steps', None, 'Steps of every upsampler.', lower_bound=1)
-  flags.DEFINE_integer('batch_size', 0, 'Images per jitted call (0 = all of a kind at once).',
-                       lower_bound=0)
+  flags.DEFINE_integer('batch_size', 64, 'Images per jitted call (0 = all of a kind at '
+                       'once); results do not depend on it.', lower_bound=0)
   flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype override.')
   flags.DEFINE_string('data_dir', None, 'TFDS data dir of the real images (default: the '
                       "run's config.data.data_dir).")
