@@ -20,19 +20,43 @@ def _m(x):
   return f'{x / 1e6:.2f}M'
 
 
-def render(r: dict) -> str:
+def merge(results: list[dict]) -> dict:
+  """Several compare runs as one: rows by config name (later runs win)."""
+  out = dict(results[-1])
+  train, sampling, targets = {}, {}, {}
+  for r in results:
+    train.update({t['name']: t for t in r.get('train', [])})
+    sampling.update({s['name']: s for s in r.get('sampling', [])})
+    targets.update(r.get('targets', {}))
+  out.update(train=list(train.values()), sampling=list(sampling.values()), targets=targets,
+             runs=results)
+  return out
+
+
+def machine_line(r: dict) -> str:
   env = r['env']['ours']
   peer = r['env'].get('peer') or {}
   peak = r['matmul_peak_f32_flops_per_s']
-  lines = [
-      f'Machine: {env["cpu"]}, {env["cpu_count"]} cores; jax {env["jax"]}, flax '
-      f'{env["flax"]}; DALLE2-pytorch {peer.get("dalle2_pytorch")} on torch '
-      f'{peer.get("torch")} ({peer.get("threads")} threads). f32 matmul peak: jax '
-      f'{peak["jax"] / 1e9:.0f} GFLOP/s, torch {peak["torch"] / 1e9:.0f} GFLOP/s (MFU uses '
-      f'{peak["used"] / 1e9:.0f}). Load average before / after: '
-      f'{", ".join(f"{x:.1f}" for x in r["load_before"]["loadavg_1_5_15"])} / '
-      f'{", ".join(f"{x:.1f}" for x in r["load_after"]["loadavg_1_5_15"])}. '
-      f'Recorded {r.get("written_at", "")} at commit {env.get("git_commit", "")}.', '']
+  names = ', '.join([t['name'] for t in r.get('train', [])] +
+                    [s['name'] for s in r.get('sampling', [])])
+  return (f'Run `{r.get("command", "")}` ({names}): {env["cpu"]}, {env["cpu_count"]} cores; '
+          f'jax {env["jax"]}, flax {env["flax"]}; DALLE2-pytorch {peer.get("dalle2_pytorch")} '
+          f'on torch {peer.get("torch")} ({peer.get("threads")} threads). f32 matmul peak: jax '
+          f'{peak["jax"] / 1e9:.0f} GFLOP/s, torch {peak["torch"] / 1e9:.0f} GFLOP/s (MFU uses '
+          f'{peak["used"] / 1e9:.0f}). Load average (1, 5, 15 min) before / after: '
+          f'{", ".join(f"{x:.1f}" for x in r["load_before"]["loadavg_1_5_15"])} / '
+          f'{", ".join(f"{x:.1f}" for x in r["load_after"]["loadavg_1_5_15"])}. '
+          f'Recorded {r.get("written_at", "")} at commit {env.get("git_commit", "")}'
+          f'{"" if r.get("complete", True) else " (stopped before the end)"}.')
+
+
+def render(r: dict) -> str:
+  runs = r.get('runs', [r])
+  return '\n\n'.join(machine_line(x) for x in runs) + '\n\n' + render_tables(r)
+
+
+def render_tables(r: dict) -> str:
+  lines = []
   train = [t for t in r['train'] if t.get('kind') != 'unet']
   unet = [t for t in r['train'] if t.get('kind') == 'unet']
   if train:
@@ -95,10 +119,14 @@ def render(r: dict) -> str:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--results', default=os.path.join(common.RESULTS_DIR, 'compare_cpu.json'))
+  ap.add_argument('--results', default=os.path.join(common.RESULTS_DIR, 'compare_cpu.json'),
+                  help='a compare.py JSON file, or several, comma-separated (merged)')
   a = ap.parse_args()
-  with open(a.results) as f:
-    print(render(json.load(f)))
+  results = []
+  for path in a.results.split(','):
+    with open(path) as f:
+      results.append(json.load(f))
+  print(render(results[0] if len(results) == 1 else merge(results)))
 
 
 if __name__ == '__main__':
