@@ -132,5 +132,5 @@ def test_params_shard_over_fsdp():
   params = jax.jit(lambda: net.init(jax.random.PRNGKey(0), *args),
                    out_shardings=shardings)()
   kernel = params['params']['unet']['down_1_res_0']['in_conv']['kernel'].value
-  assert kernel.sharding.spec == (None, None, None, 'fsdp')
+  assert tuple(kernel.sharding.spec) == (None, None, None, 'fsdp')
   assert kernel.addressable_shards[0].data.shape == (3, 3, 8, 2)

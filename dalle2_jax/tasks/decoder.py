@@ -73,9 +73,8 @@ def text_config(config, stage: str) -> dict[str, Any]:
   return {k: t[k] for k in ('width', 'depth', 'heads', 'vocab_size', 'context_length')}
 
 
-def build_decoder(config, stage: str = 'decoder', embed_dim: int | None = None,
-                  clip_text_width: int | None = None) -> unet_lib.Decoder:
-  """The decoder module of `config[stage]` (CLIP sizes default to config.clip.model)."""
+def build_decoder(config, stage: str = 'decoder') -> unet_lib.Decoder:
+  """The decoder module of `config[stage]` (its input widths follow the inputs at init)."""
   sc = config[stage]
   m = sc.model
   text_encoder = m.get('text_encoder', 'clip')
