@@ -1,17 +1,26 @@
 r"""captioned_shapes: the embedded default, all four stages on a laptop CPU.
 
-  python train.py --config configs/tiny.py --workdir runs/tiny
+  python train.py --config configs/shapes.py --workdir runs/shapes
+  python train.py --config configs/shapes.py:quick --workdir runs/shapes_quick
 
-Trains clip -> prior -> decoder -> upsampler for a handful of steps each on a small
-captioned_shapes split. It checks that the machinery runs; it does not draw good pictures
-(use configs/shapes.py for that).
+Trains clip -> prior -> decoder (32 px) -> upsampler (32 -> 64 px) in turn on the generated
+captioned_shapes dataset (50,000 training examples, built into the TFDS data dir on first use
+in under a minute). `:quick` cuts every stage's steps for a first look in minutes. Then
+
+  python sample.py --workdir runs/shapes --prompt "a large red circle in the top left"
+  python -m dalle2_jax.evaluate --workdir runs/shapes
+
+Per-stage checks: python -m dalle2_jax.evaluation.zero_shot --workdir runs/shapes (CLIP),
+python -m dalle2_jax.tasks.prior --workdir runs/shapes (prior vs text-embedding baseline).
 """
 
 import ml_collections
 
 
 def get_config(arg=None):
-  del arg
+  quick = arg == 'quick'
+  if arg not in (None, '', 'quick'):
+    raise ValueError(f'configs/shapes.py takes no argument or :quick, not {arg!r}.')
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Stages run in this order; each is a config section of that name, whose `task` field
@@ -30,11 +39,16 @@ def get_config(arg=None):
       image_size=64,             # default size; a stage may set its own image_size
       worker_count=0,            # grain worker processes (0 = in the main process)
       # captioned_shapes generation (ignored by other datasets)
-      shapes=dict(seed=0, num_train=512, num_test=128, num_heldout=128),
+      shapes=dict(seed=0, num_train=50000, num_test=1000, num_heldout=1000),
   )
   c.tokenizer = dict(path='', context_length=32)   # '' = packaged OpenAI CLIP BPE
 
   c.mesh = dict(data=-1, fsdp=1)   # -1: the rest of the devices
+  # Multi-host (train.py flags override): enabled=True with no address = JAX's automatic
+  # cluster detection (Cloud TPU, SLURM); or an explicit coordinator 'host:port'.
+  c.distributed = dict(enabled=False, coordinator_address='', num_processes=0,
+                       process_id=-1)
+  c.compilation_cache_dir = ''   # persistent XLA cache ('' = off): restarts skip compiling
   # Logical axis name -> mesh axes. Data parallel: fsdp=1; FSDP: set mesh.fsdp > 1.
   c.axis_rules = (
       ('batch', ('data', 'fsdp')),
@@ -102,28 +116,48 @@ def get_config(arg=None):
   c.prior.sample = dict(sampler='ddim', steps=64, guidance_scale=1.0, num_candidates=2,
                         spacing='trailing')
 
-  c.decoder = stage('decoder', steps=4, batch_size=8, lr=1e-3)
+  # Decoder: 32 px ADM UNet conditioned on the CLIP image embedding (+ caption tokens).
+  c.decoder = stage('decoder', steps=3000, batch_size=32, lr=3e-4)
+  c.decoder.optim.warmup_steps = 100
+  c.decoder.ema.decay = 0.999
+  c.decoder.ema.warmup_steps = 200
+  c.decoder.log_every = 50
+  c.decoder.ckpt_every = 500
+  c.decoder.sample_every = 1000
   c.decoder.clip_checkpoint = ''
   c.decoder.image_size = 32
   c.decoder.model = dict(
-      channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
-      head_channels=8, dropout=0.0, num_clip_tokens=4, text_encoder='clip',
-      image_embed_drop_prob=0.1, text_drop_prob=0.5, custom_conv_grad=True)
+      channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(16, 8),
+      head_channels=32, dropout=0.0, num_clip_tokens=4, text_encoder='clip',
+      image_embed_drop_prob=0.1, text_drop_prob=0.5,
+      custom_conv_grad=False)   # True: hand-written CPU conv gradient (bench/conv_grad.py)
   c.decoder.diffusion = dict(schedule='cosine', timesteps=1000, objective='eps',
                              learned_variance=True, vlb_weight=0.001)
-  c.decoder.sample = dict(sampler='ddim', steps=8, guidance_scale=3.0)
+  c.decoder.sample = dict(sampler='ddim', steps=25, guidance_scale=3.0)
 
-  c.upsampler = stage('upsampler', steps=4, batch_size=4, lr=1e-3)
+  # Upsampler: 32 -> 64 px, no attention, trained on 32 px crops of the 64 px images.
+  c.upsampler = stage('upsampler', steps=1500, batch_size=16, lr=3e-4)
+  c.upsampler.optim.warmup_steps = 100
+  c.upsampler.ema.decay = 0.999
+  c.upsampler.ema.warmup_steps = 200
+  c.upsampler.log_every = 50
+  c.upsampler.ckpt_every = 500
   c.upsampler.low_res = 32      # the image it conditions on (a resized dataset image)
   c.upsampler.high_res = 64     # the image it makes
+  c.upsampler.image_size = c.upsampler.get_ref('high_res')   # what the input pipeline loads
   c.upsampler.crop_frac = 0.5   # trains on random crops of this fraction of high_res
   c.upsampler.degradation = 'blur'   # 'blur' (first upsampler) or 'bsr' (second)
   c.upsampler.noise_aug = 0.0        # max noise level of low-res noise augmentation
-  c.upsampler.model = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                           attention_resolutions=(), head_channels=8, dropout=0.0,
-                           custom_conv_grad=True)
-  c.upsampler.diffusion = dict(schedule='cosine', timesteps=1000, objective='eps',
+  c.upsampler.model = dict(channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_resolutions=(), head_channels=32, dropout=0.0,
+                           custom_conv_grad=False)
+  c.upsampler.diffusion = dict(schedule='cosine', timesteps=1000, objective='v',
                                learned_variance=False)
-  c.upsampler.sample = dict(sampler='ddim', steps=4)
+  c.upsampler.sample = dict(sampler='ddim', steps=7)
+
+  if quick:   # a first look: every stage about a fifth as long
+    for name in c.stages:
+      c[name].steps = c[name].steps // 5
+      c[name].ckpt_every = 200
   c.lock()
   return c
