@@ -347,6 +347,14 @@ class FrozenClip:
     return self.experiment_config.tokenizer.get('path', '') or ''
 
   @classmethod
+  def for_stage(cls, stage_config, workdir) -> 'FrozenClip':
+    """The frozen CLIP of a prior or decoder stage: `clip_checkpoint`, or the `clip` stage
+    of the same workdir (<workdir>/clip/export) when that field is empty."""
+    import os  # pylint: disable=g-import-not-at-top
+    path = stage_config.get('clip_checkpoint', '') or os.path.join(workdir, 'clip', 'export')
+    return cls.load(path)
+
+  @classmethod
   def load(cls, path) -> 'FrozenClip':
     """Loads an export directory (config.json + stage.txt + params.safetensors)."""
     from dalle2_jax.training import export  # pylint: disable=g-import-not-at-top

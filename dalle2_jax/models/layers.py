@@ -32,6 +32,7 @@ mask when `causal=True`. A context's own mask (`context_mask`, [B, Lc]) is never
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -305,3 +306,15 @@ class Transformer(nn.Module):
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f'layers_{i}')(
                     x, mask, context, context_mask)
     return x
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+  """Sinusoidal embedding [B, dim] of (integer or real) timesteps t [B] (ADM/GLIDE layout:
+  cos half then sin half)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb

@@ -23,7 +23,6 @@ Params (logical axis names in brackets):
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -34,18 +33,6 @@ from dalle2_jax.models import layers
 
 Dtype = Any
 Array = jax.Array
-
-
-def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
-  """Sinusoidal embedding [B, dim] of (integer or real) timesteps t [B] (ADM/GLIDE layout:
-  cos half then sin half)."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
-  return emb
 
 
 def _dense(features, names, dtype, param_dtype, name, use_bias=True, zero=False):
@@ -111,7 +98,7 @@ class PriorTransformer(nn.Module):
     enc = dense(self.width, (None, 'embed'), name='text_enc_proj')(text_encodings)
     emb = dense(self.width, ('embed', 'mlp'), name='text_embed_proj')(text_embed)
     img = dense(self.width, ('embed', 'mlp'), name='image_embed_proj')(x_t)
-    temb = timestep_embedding(t, self.width).astype(self.dtype)
+    temb = layers.timestep_embedding(t, self.width).astype(self.dtype)
     temb = dense(self.width, ('embed', 'mlp'), name='time_mlp_0')(temb)
     temb = dense(self.width, ('mlp', 'embed'), name='time_mlp_1')(nn.silu(temb))
     query = self.param('query', pinit(('embed',)), (self.width,), self.param_dtype)

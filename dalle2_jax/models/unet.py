@@ -48,17 +48,6 @@ Array = jax.Array
 Dtype = Any
 
 
-def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
-  """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim] (ADM order)."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
-  return emb
-
-
 def num_groups(channels: int, max_groups: int = 32) -> int:
   """ADM uses 32 groups; smaller nets use the largest divisor of `channels` <= 32."""
   for g in range(min(max_groups, channels), 0, -1):
@@ -203,7 +192,7 @@ class UNet(nn.Module):
                             custom_conv_grad=self.custom_conv_grad, **kw)
     attn = functools.partial(attn_block, head_channels=self.head_channels, **kw)
 
-    emb = timestep_embedding(t, self.channels)
+    emb = layers.timestep_embedding(t, self.channels)
     emb = dense(self.emb_dim, ('embed', 'mlp'), self.dtype, self.param_dtype,
                 'time_embed_0')(emb)
     emb = dense(self.emb_dim, ('mlp', 'embed'), self.dtype, self.param_dtype,
@@ -379,7 +368,7 @@ class Upsampler(nn.Module):
     if self.noise_level_cond:
       if noise_level is None:
         noise_level = jnp.zeros((x.shape[0],), jnp.float32)
-      e = timestep_embedding(noise_level, self.unet.channels)
+      e = layers.timestep_embedding(noise_level, self.unet.channels)
       e = dense(self.unet.emb_dim, (None, 'mlp'), self.dtype, self.param_dtype,
                 'noise_level_embed_0')(e)
       extra_emb = dense(self.unet.emb_dim, ('mlp', 'embed'), self.dtype, self.param_dtype,

@@ -29,7 +29,6 @@ fractions dropped in this batch).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Mapping
 
 import jax
@@ -124,8 +123,7 @@ class DecoderTask(base.Task):
     super().__init__(config, stage, workdir)
     sc = self.stage_config
     if frozen_clip is None:
-      path = sc.get('clip_checkpoint', '') or os.path.join(workdir, 'clip', 'export')
-      frozen_clip = clip_lib.FrozenClip.load(path)
+      frozen_clip = clip_lib.FrozenClip.for_stage(sc, workdir)
     self.clip = frozen_clip
     if 'image_size' not in sc:
       raise ValueError(f'config.{stage}.image_size is missing (the decoder resolution, '

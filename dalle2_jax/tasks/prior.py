@@ -81,8 +81,7 @@ class PriorTask(base.Task):
     super().__init__(config, stage, workdir)
     sc = self.stage_config
     if frozen_clip is None:
-      path = sc.get('clip_checkpoint', '') or os.path.join(workdir, 'clip', 'export')
-      frozen_clip = clip_lib.FrozenClip.load(path)
+      frozen_clip = clip_lib.FrozenClip.for_stage(sc, workdir)
     self.clip = frozen_clip
     m = sc.model
     self.embed_norm = m.get('embed_norm', 'l2')
