@@ -46,11 +46,13 @@ def _run(args, timeout=900):
 
 @pytest.mark.slow
 def test_train_sample_evaluate(tmp_path):
-  workdir, data_dir = str(tmp_path / 'run'), str(tmp_path / 'tfds')
+  # A relative workdir, as the README writes it (orbax itself only takes absolute paths).
+  workdir = os.path.relpath(tmp_path / 'run', REPO)
+  data_dir = str(tmp_path / 'tfds')
   _run(['train.py', '--config', 'configs/tiny.py', '--workdir', workdir,
         f'--config.data.data_dir={data_dir}', *OVERRIDES])
   for stage in ('clip', 'prior', 'decoder', 'upsampler'):
-    assert os.path.exists(os.path.join(workdir, stage, 'export', 'params.safetensors')), stage
+    assert os.path.exists(os.path.join(REPO, workdir, stage, 'export', 'params.safetensors')), stage
 
   out = str(tmp_path / 'samples')
   proc = _run(['sample.py', '--workdir', workdir, '--prompt',

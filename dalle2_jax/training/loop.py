@@ -14,11 +14,12 @@ at its final step is skipped, so re-running a config resumes where it stopped.
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 import zlib
 
 from absl import logging
@@ -82,6 +83,12 @@ def default_input_fn(config, stage, task, mesh, seed):
                              global_batch_size=int(sc.batch_size), mesh=mesh,
                              image_size=sc.get('image_size'), prepare=task.prepare_batch,
                              seed=seed)
+
+
+def absolute_workdir(workdir) -> str:
+  """Local paths become absolute (orbax refuses relative ones); URLs (gs://...) stay."""
+  workdir = os.fspath(workdir)
+  return workdir if '://' in workdir else os.path.abspath(workdir)
 
 
 def stage_seed(config, stage: str) -> int:
@@ -156,6 +163,7 @@ def _to_host(x):
 def train_stage(config, workdir, stage: str, *, task_fn=None, input_fn=None, devices=None,
                 watch: _PreemptionWatch | None = None) -> dict:
   """Trains one stage into <workdir>/<stage>; see `run`."""
+  workdir = absolute_workdir(workdir)
   check_stage_config(config, stage)
   sc = config[stage]
   task_fn = task_fn or default_task_fn
