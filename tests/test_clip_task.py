@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from configs import tiny
 from dalle2_jax.models import clip as clip_lib
@@ -145,3 +146,37 @@ def test_flops_per_example_matches_xla_count():
   # XLA also counts elementwise ops (LayerNorm, softmax, GELU); matmuls dominate.
   assert 0.7 * cost['flops'] <= ours <= 1.1 * cost['flops'], (ours, cost['flops'])
   assert task.flops_per_example() > 0
+
+
+def test_recolour_augmentation_in_prepare_batch():
+  """config.clip.recolour_prob of the batch gets recoloured images and colour-free captions,
+  re-tokenised; the draw depends only on the batch (a resumed run repeats it)."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config()
+  assert config.clip.recolour_prob == 0.5
+  task = clip_task.ClipTask(config, 'clip', '/tmp/unused')
+  tok = tokenizer_lib.Tokenizer.from_config(config)
+  examples = [cs.make_example('train', i) for i in range(64)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in
+           ('objects', 'num_objects', 'relation', 'names')}
+  batch['image'] = np.stack([e['image'] for e in examples]).astype(np.float32) / 127.5 - 1
+  batch['caption'] = [e['caption'] for e in examples]
+  batch['tokens'] = tok(batch['caption'])
+  out = task.prepare_batch(dict(batch))
+  again = task.prepare_batch(dict(batch))
+  np.testing.assert_array_equal(out['image'], again['image'])
+  changed = np.any(out['image'] != batch['image'], axis=(1, 2, 3))
+  assert 16 <= changed.sum() <= 48
+  np.testing.assert_array_equal(out['tokens'], tok(out['caption']))
+  for i in np.flatnonzero(changed):
+    assert not set(out['caption'][i].replace(',', ' ').split()) & set(cs.COLOUR_NAMES)
+  assert [out['caption'][i] for i in np.flatnonzero(~changed)] == [
+      batch['caption'][i] for i in np.flatnonzero(~changed)]
+  # the input batch is not modified in place
+  assert batch['caption'] == [e['caption'] for e in examples]
+  config.unlock()
+  config.data.name = 'image_folder'
+  with pytest.raises(ValueError, match='recolour_prob'):
+    clip_task.ClipTask(config, 'clip', '/tmp/unused')

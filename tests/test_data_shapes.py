@@ -205,3 +205,31 @@ def test_png_bytes_are_standard_png_with_a_fast_decode_path():
   buf = io.BytesIO()
   Image.fromarray(img).save(buf, format='PNG')   # PIL's filtered rows: PIL path, same pixels
   np.testing.assert_array_equal(pipeline.decode_image(buf.getvalue(), 64), img)
+
+
+def test_recolour_keeps_layout_and_never_shows_a_held_out_pair():
+  """The CLIP colour augmentation: every object is found again by the scoring rule with its
+  shape, size and cell, in a colour that never makes a held-out pair; the caption is the
+  layout's caption without colour words."""
+  rng = np.random.default_rng(0)
+  seen_colours = set()
+  for i in range(200):
+    ex = cs.make_example('train', i)
+    img = ex['image'].astype(np.float32) / 127.5 - 1.0
+    out, caption = cs.recolour(img, ex['objects'], ex['num_objects'], ex['names'],
+                               ex['relation'], rng)
+    assert out.shape == img.shape and out.dtype == img.dtype
+    assert not set(caption.replace(',', ' ').split()) & set(cs.COLOUR_NAMES), caption
+    u8 = np.clip(np.round((out + 1) * 127.5), 0, 255).astype(np.uint8)
+    # the foreground (any channel bright) is where it was
+    np.testing.assert_array_equal(u8.max(-1) > 8, ex['image'].max(-1) > 8)
+    found = scoring.detect(u8)
+    assert len(found) == int(ex['num_objects'])
+    everything_but_colour = [True, False, True, True]
+    assert scoring.check(found, ex['objects'], ex['num_objects'], ex['relation'],
+                         everything_but_colour)['overall']
+    for d in found:
+      assert not cs.is_held_out(d['colour'], d['shape'])
+      seen_colours.add(tuple(u8[d['box'][0]:d['box'][2] + 1,
+                                d['box'][1]:d['box'][3] + 1].reshape(-1, 3).max(0)))
+  assert len(seen_colours) > 150   # off-palette, not six colours

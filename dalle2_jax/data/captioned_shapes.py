@@ -222,6 +222,48 @@ def make_example(split: str, index: int, seed: int = 0, style: str | None = None
               names=layout['names'])
 
 
+def random_colour(rng: np.random.Generator, shape: int, min_max: int = 140) -> np.ndarray:
+  """A random RGB colour (uint8 [3], brightest channel >= min_max) whose nearest palette
+  entry does not make a held-out pair with `shape`: no recoloured object is, by the scoring
+  rule, an object of a held-out pair."""
+  while True:
+    c = rng.integers(0, 256, size=3)
+    if c.max() < min_max:
+      continue
+    nearest = int(np.argmin(np.sum((PALETTE.astype(np.int64) - c) ** 2, axis=1)))
+    if not is_held_out(nearest, shape):
+      return c.astype(np.uint8)
+
+
+def recolour(image: np.ndarray, objects: np.ndarray, num_objects: int, names: np.ndarray,
+             relation: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+  """Colour augmentation: each object gets a random off-palette colour and the caption is
+  rewritten from the attributes without colour words (so the text never names a colour
+  the image does not show).
+
+  image: float [H, W, 3] in [-1, 1] at any size (anti-aliased edges keep their coverage:
+  a pixel is alpha x its object's colour on black). Returns (image like the input, caption).
+  Teaches the image tower shape, size and position features that do not depend on colour,
+  without showing a held-out (colour, shape) pair.
+  """
+  u = (np.asarray(image, np.float32) + 1.0) * 127.5                     # [H, W, 3] in 0..255
+  n = int(num_objects)
+  cols = PALETTE[objects[:n, COLOUR]].astype(np.float32)              # [n, 3]
+  alpha = np.einsum('hwc,nc->hwn', u, cols) / np.sum(cols * cols, axis=1)
+  alpha = np.clip(alpha, 0.0, 1.0)
+  resid = np.sum((u[..., None, :] - alpha[..., None] * cols) ** 2, axis=-1)   # [H, W, n]
+  k = np.argmin(resid, axis=-1)
+  a = np.take_along_axis(alpha, k[..., None], axis=-1)[..., 0]
+  new = np.stack([random_colour(rng, int(objects[i, SHAPE])) for i in range(n)]).astype(
+      np.float32)
+  out = np.where((u.max(-1) > 8.0)[..., None], a[..., None] * new[k], 0.0)
+  names = np.array(names, bool)
+  names[1] = False
+  caption = caption_of(dict(objects=objects, names=names, template=int(rng.integers(1 << 16)),
+                            num_objects=n, relation=int(relation)))
+  return (out / 127.5 - 1.0).astype(np.asarray(image).dtype), caption
+
+
 def eval_prompts(kind: str = 'test', num: int = 64, seed: int = 0,
                  styles: Sequence[str] = ('full', 'partial', 'two')) -> dict:
   """Prompts with their attributes for compositional-accuracy evaluation.

@@ -9,6 +9,8 @@ layout mirrors Hugging Face's `CLIPModel` one to one (see `dalle2_jax.convert.hf
   text/ln_final/{scale,bias}
   text/text_projection/kernel         [width, embed_dim] (no bias)
   vision/patch_embedding/kernel       [patch, patch, 3, width] (no bias)
+  vision/pixel_stem/{kernel,bias}     [3, stem_width] (only with vision.stem_width > 0;
+                                      then patch_embedding takes stem_width channels)
   vision/class_embedding              [width]
   vision/position_embedding           [1 + (image_size // patch)**2, width]
   vision/ln_pre, vision/transformer/layers_i/..., vision/ln_post
@@ -24,7 +26,11 @@ so it is self-contained:
           tokenizer's), mlp_dim (default 4 * width), pool ('argmax' = OpenAI: the highest
           token id, which is the end-of-text token of the CLIP BPE; 'eos' = Hugging Face: the
           first `eos_token_id`), eos_token_id (49407), layer_norm_eps (1e-5)
-  vision: width, depth, heads, patch_size, activation, mlp_dim, layer_norm_eps
+  vision: width, depth, heads, patch_size, activation, mlp_dim, layer_norm_eps,
+          stem_width (default 0: none, as in OpenAI / Hugging Face CLIP; > 0: a per-pixel
+          Dense + activation of that width before the patch embedding. A linear patch
+          embedding multiplies every shape feature by the object's colour; one pixel-wise
+          nonlinearity lets the tower compute a colour-free foreground first)
 
 Pure functions used by the later stages (traceable inside jit; `model_config` is static):
 
@@ -136,6 +142,7 @@ class VisionTransformer(nn.Module):
   activation: str = 'quick_gelu'
   layer_norm_eps: float = 1e-5
   remat: bool = False
+  stem_width: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -149,11 +156,18 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'image_size {self.image_size} is not a multiple of patch_size '
                        f'{self.patch_size} (clip.image_size / clip.model.vision.patch_size).')
     p = self.patch_size
+    x = pixels.astype(self.dtype)
+    if self.stem_width:
+      x = nn.Dense(self.stem_width, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name='pixel_stem',
+                   kernel_init=_partitioned(nn.initializers.lecun_normal(),
+                                            ('conv_in', None)),
+                   bias_init=_partitioned(nn.initializers.zeros, (None,)))(x)
+      x = layers.get_activation(self.activation)(x)
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', use_bias=False,
                 dtype=self.dtype, param_dtype=self.param_dtype, name='patch_embedding',
                 kernel_init=_partitioned(nn.initializers.lecun_normal(),
-                                         (None, None, 'conv_in', 'embed')))(
-                                             pixels.astype(self.dtype))
+                                         (None, None, 'conv_in', 'embed')))(x)
     b = x.shape[0]
     x = x.reshape(b, -1, self.width)
     cls = self.param('class_embedding',
@@ -263,8 +277,8 @@ def build_model(model_config: ml_collections.ConfigDict, dtype: Dtype = jnp.floa
       image_size=int(m.image_size), patch_size=int(v.patch_size), width=int(v.width),
       depth=int(v.depth), heads=int(v.heads), embed_dim=int(m.embed_dim),
       mlp_dim=_get(v, 'mlp_dim', None), activation=_get(v, 'activation', 'quick_gelu'),
-      layer_norm_eps=float(_get(v, 'layer_norm_eps', 1e-5)), remat=remat, dtype=dtype,
-      param_dtype=param_dtype)
+      layer_norm_eps=float(_get(v, 'layer_norm_eps', 1e-5)), remat=remat,
+      stem_width=int(_get(v, 'stem_width', 0)), dtype=dtype, param_dtype=param_dtype)
   return CLIP(text=text, vision=vision,
               logit_scale_init=float(_get(m, 'logit_scale_init', np.log(1 / 0.07))))
 
@@ -403,7 +417,8 @@ def flops_per_example(model_config: ml_collections.ConfigDict, batch_size: int =
   text += 2 * tw * d
   vw, p = int(v.width), int(v.patch_size)
   n = (int(m.image_size) // p) ** 2
-  vision = 2 * n * (p * p * 3) * vw
+  sw = int(_get(v, 'stem_width', 0))
+  vision = 2 * n * (p * p * (sw or 3)) * vw + 2 * int(m.image_size) ** 2 * 3 * sw
   vision += _transformer_flops(n + 1, vw, int(v.depth), int(_get(v, 'mlp_dim', 4 * vw)))
   vision += 2 * vw * d
   return float(text + vision + 2 * batch_size * d)
