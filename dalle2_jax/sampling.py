@@ -753,6 +753,7 @@ class UnCLIP:
                        batch_size=batch_size, progress=progress)
 
   def _inpaint_fn(self, settings: Settings, resample: int, use_prior: bool):
+    from dalle2_jax.tasks import decoder as decoder_task  # pylint: disable=g-import-not-at-top
     task = self.decoder.task
     s = settings.decoder
     thresholding = task.stage_config.sample.get('thresholding', 'static')
@@ -766,8 +767,8 @@ class UnCLIP:
         image_embed = image_embed[None]
       keys = jax.random.split(k_decode, 1 + len(self.upsamplers))
       cond = task.conditioning(params['clip'], tokens, clip_image_embed=image_embed)
-      keep = jnp.ones((1,), bool)
-      model_fn = task._model_fn(params['decoder'], cond, keep, keep)  # pylint: disable=protected-access
+      model_fn = task._model_fn(params['decoder'], cond, jnp.ones((1,), bool),  # pylint: disable=protected-access
+                                decoder_task.has_caption(tokens))
       x = repaint_sample(task.diffusion, model_fn, known[None], mask[None, :, :, None],
                          keys[0], steps=s.steps, sampler=s.sampler, eta=s.eta,
                          resample=resample, guidance_scale=s.guidance_scale,

@@ -2,8 +2,8 @@ r"""Draws each stage's training loss from <workdir>/<stage>/metrics.jsonl into o
 
   python scripts/plot_curves.py --workdir runs/shapes --out docs/shapes_loss_curves.png
 
-One panel per stage (in the run's order), loss against step, with the first and last logged
-values printed; drawn with PIL so that no plotting library is needed. Also prints a table of
+One panel per stage (in the run's order), loss against step (log scale when the loss falls
+more than tenfold), with the first and last logged values printed; drawn with PIL so that no plotting library is needed. Also prints a table of
 the logged losses (Markdown) for the README.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from PIL import Image, ImageDraw
@@ -33,18 +34,23 @@ def panel(title: str, points: list[tuple[int, float]]) -> Image.Image:
   d = ImageDraw.Draw(im)
   x0, y0, x1, y1 = MARGIN, 24, PANEL_W - 12, PANEL_H - 28
   d.rectangle((x0, y0, x1, y1), outline=(160, 160, 160))
-  d.text((x0, 6), title, fill='black')
   if len(points) < 2:
+    d.text((x0, 6), title, fill='black')
     d.text((x0 + 8, y0 + 8), 'fewer than 2 logged steps', fill='black')
     return im
   steps = [s for s, _ in points]
   vals = [v for _, v in points]
   lo, hi = min(vals), max(vals)
   hi = hi if hi > lo else lo + 1e-6
+  log = lo > 0 and hi / lo > 10
+  f = math.log if log else (lambda v: v)
+  if log:
+    title += ' (log scale)'
 
   def xy(s, v):
     return (x0 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (x1 - x0),
-            y1 - (v - lo) / (hi - lo) * (y1 - y0))
+            y1 - (f(v) - f(lo)) / (f(hi) - f(lo)) * (y1 - y0))
+  d.text((x0, 6), title, fill='black')
   d.line([xy(s, v) for s, v in points], fill=(30, 90, 200), width=2)
   d.text((4, y0), f'{hi:.3g}', fill='black')
   d.text((4, y1 - 10), f'{lo:.3g}', fill='black')

@@ -144,3 +144,31 @@ def test_tiny_decoder_overfits_a_fixed_batch(shapes):
   truth = scoring.score_images(shapes['image'], shapes)   # the rule on the real images
   right = sum(g['shape'] for g in got)
   assert right >= sum(t['shape'] for t in truth) - 1, (got, truth)
+
+
+def test_empty_caption_takes_the_null_caption():
+  """generate() with an empty prompt samples with the caption dropped (text_keep False, the
+  learned null of training), not with CLIP's encoding of ''."""
+  c = make_config()
+  frozen = random_clip(c)
+  task = decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=frozen)
+  tokens = jnp.asarray(tokenizer_lib.Tokenizer.from_config(c)(['', 'a red circle']))
+  np.testing.assert_array_equal(decoder_task.has_caption(tokens), [False, True])
+  images = jnp.zeros((2, SIZE, SIZE, 3))
+  batch = dict(image=images, tokens=tokens)
+  params = nn.unbox(task.init(jax.random.PRNGKey(1), batch))
+  # a decoder that actually reads its caption (the final layer is zero at init)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+                        params)
+  rng = jax.random.PRNGKey(3)
+  got = task.generate(params, frozen.params, tokens, rng, images=images, steps=4,
+                      guidance_scale=1.0)
+  cond = task.conditioning(frozen.params, tokens, images=images)
+  for text_keep, row in (([False, True], slice(None)), ([True, True], slice(1, None))):
+    fn = task._model_fn(params, cond, jnp.ones((2,), bool), jnp.asarray(text_keep))  # pylint: disable=protected-access
+    want = jnp.clip(task.diffusion.sample(
+        fn, images.shape, rng, sampler=c.decoder.sample.sampler, steps=4,
+        thresholding=c.decoder.sample.get('thresholding', 'static')), -1, 1)
+    np.testing.assert_allclose(got[row], want[row], atol=1e-5)
+  # and the null caption is not the same as CLIP's encoding of ''
+  assert np.abs(np.asarray(got[0]) - np.asarray(want[0])).max() > 1e-3

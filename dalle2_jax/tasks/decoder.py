@@ -113,6 +113,11 @@ def cond_drop_masks(rng, batch_size: int, image_embed_drop_prob: float,
           jax.random.uniform(k2, (batch_size,)) >= text_drop_prob)
 
 
+def has_caption(tokens) -> jax.Array:
+  """bool [B]: False for empty captions (only the start- and end-of-text tokens)."""
+  return jnp.sum(jnp.asarray(tokens) != 0, axis=-1) > 2
+
+
 class DecoderTask(base.Task):
   """The 64 px (configurable) decoder; CLIP is frozen."""
 
@@ -187,8 +192,9 @@ class DecoderTask(base.Task):
     def model_fn(x, t, drop_cond=None):
       c = diffusion_lib.repeat_batch(cond, x.shape[0])
       ik, tk = image_keep, text_keep
-      if drop_cond is not None:
-        ik = tk = ~drop_cond
+      if drop_cond is not None:   # guidance: the null rows drop both, as in training
+        ik = ~drop_cond
+        tk = ~drop_cond & diffusion_lib.repeat_batch(text_keep, x.shape[0])
       rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
       return self._model.apply({'params': params}, x, t, image_embed_keep=ik, text_keep=tk,
                                train=train, rngs=rngs, **c)
@@ -250,12 +256,15 @@ class DecoderTask(base.Task):
                sampler: str | None = None, spacing: str | None = None,
                eta: float | None = None, x_T=None) -> jax.Array:
     """Images [B, S, S, 3] in [-1, 1] for tokens [B, L] and CLIP image embeddings (CLIP
-    space, e.g. from the prior; or `images` to embed). None = `config.decoder.sample`."""
+    space, e.g. from the prior; or `images` to embed). None = `config.decoder.sample`.
+
+    An empty caption (tokens holding only start and end of text) takes the decoder's learned
+    null caption, as the captions dropped in training did, not the CLIP encoding of ''.
+    """
     sc = self.stage_config.sample
     cond = self.conditioning(frozen, tokens, images=images, clip_image_embed=clip_image_embed)
     b = cond['clip_image_embed'].shape[0]
-    keep = jnp.ones((b,), bool)
-    model_fn = self._model_fn(params, cond, keep, keep)
+    model_fn = self._model_fn(params, cond, jnp.ones((b,), bool), has_caption(tokens))
     x = self.diffusion.sample(
         model_fn, (b, self.image_size, self.image_size, 3), rng,
         sampler=sampler or sc.get('sampler', 'ddim'), steps=int(steps or sc.get('steps', 64)),
