@@ -218,6 +218,8 @@ def test_checkpoints_export_logs_and_resume_skip(tmp_path):
                             np.asarray(restored.params['block1']['Dense_1']['kernel']))
   events = list((workdir / 'toy' / 'tensorboard').glob('events.out.tfevents.*'))
   assert events and events[0].stat().st_size > 1000   # scalars and two sample grids
+  grids = sorted(p.name for p in (workdir / 'toy' / 'samples').glob('*.png'))
+  assert grids == ['samples_0000004.png', 'samples_0000008.png']
   # A half-written checkpoint (a save that crashed) is never taken for the latest.
   junk = workdir / 'toy' / 'checkpoints' / '12.orbax-checkpoint-tmp-1234'
   junk.mkdir()

@@ -1,5 +1,8 @@
 """Where training metrics go: a console progress line, TensorBoard, and a JSONL file.
 
+Sample grids (`sample_every`) also go to <workdir>/<stage>/samples/<name>_<step>.png, to look
+at without TensorBoard.
+
 Only process 0 writes (other processes get a writer that does nothing).
 
 TensorBoard event files are written with tensorboardX: it is maintained, writes the
@@ -25,6 +28,7 @@ import numpy as np
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+SAMPLES_DIR = 'samples'
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
@@ -79,6 +83,7 @@ class MetricWriter:
       return
     stage_dir = epath.Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    self.samples_dir = stage_dir / SAMPLES_DIR
     self.jsonl_path = stage_dir / METRICS_FILE
     self._jsonl = self.jsonl_path.open('a')
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -103,8 +108,14 @@ class MetricWriter:
   def write_images(self, step: int, name: str, images: np.ndarray) -> None:
     if not self.active:
       return
-    self._tb.add_image(f'{self.stage}/{name}', image_grid(images), int(step),
-                       dataformats='HWC')
+    grid = image_grid(images)
+    self._tb.add_image(f'{self.stage}/{name}', grid, int(step), dataformats='HWC')
+    import io  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    self.samples_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(grid if grid.shape[-1] == 3 else grid[..., 0]).save(buf, format='PNG')
+    (self.samples_dir / f'{name}_{int(step):07d}.png').write_bytes(buf.getvalue())
 
   def write_text(self, step: int, name: str, text: str) -> None:
     if self.active:
