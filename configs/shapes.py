@@ -81,7 +81,9 @@ def get_config(arg=None):
     )
 
   # CLIP: zero-shot colour/shape/size/position accuracy >= 95% on `test`, >= 90% on
-  # `heldout` (python -m dalle2_jax.evaluation.zero_shot --workdir W).
+  # `heldout` (python -m dalle2_jax.evaluation.zero_shot --workdir W). Measured (3000 steps,
+  # 29 min on 2 cores): test 100/100/100/99.2%, heldout 99.7/98.4/100/88.8%. Without the
+  # colour augmentation and the pixel stem, heldout shape was 42% (2000 steps).
   c.clip = stage('clip', steps=3000, batch_size=128, lr=1e-3)
   c.clip.image_size = 64
   c.clip.optim.warmup_steps = 100
@@ -103,8 +105,8 @@ def get_config(arg=None):
 
   # Prior: on `test` captions, sampled image embeddings have a mean cosine with the true ones
   # >= 0.1 above the text embedding's (python -m dalle2_jax.tasks.prior --workdir W).
-  # Measured (CLIP after 500 steps, 20000 train examples, 2 candidates, 64 DDIM steps):
-  # test 0.907 vs 0.802, heldout 0.900 vs 0.733 (mean-image baseline 0.44 / 0.52).
+  # Measured with this config's CLIP (2 candidates, 64 DDIM steps): test 0.925 vs 0.811,
+  # heldout 0.902 vs 0.799 (mean-image baseline 0.46 / 0.55).
   c.prior = stage('prior', steps=1000, batch_size=64, lr=1e-3)
   c.prior.image_size = 64        # = clip.image_size: images only go through the frozen CLIP
   c.prior.optim.warmup_steps = 100
