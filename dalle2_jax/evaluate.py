@@ -142,6 +142,8 @@ def main(argv):
       settings = settings.replace_stage('prior', steps=f.prior_steps)
     if f.decoder_steps:
       settings = settings.replace_stage('decoder', steps=f.decoder_steps)
+    settings = settings.replace_stage('prior', guidance_scale=f.prior_guidance_scale)
+    settings = settings.replace_stage('decoder', guidance_scale=f.decoder_guidance_scale)
     if f.upsampler_steps:
       settings = settings.with_upsampler_steps([f.upsampler_steps])
     unclip.validate(settings)
@@ -175,6 +177,10 @@ def _define_flags():
   flags.DEFINE_integer('prior_steps', None, 'Prior steps.', lower_bound=1)
   flags.DEFINE_integer('decoder_steps', None, 'Decoder steps.', lower_bound=1)
   flags.DEFINE_integer('upsampler_steps', None, 'Steps of every upsampler.', lower_bound=1)
+  flags.DEFINE_float('prior_guidance_scale', None, 'Prior classifier-free guidance scale.',
+                     lower_bound=0.0)
+  flags.DEFINE_float('decoder_guidance_scale', None, 'Decoder classifier-free guidance '
+                     'scale.', lower_bound=0.0)
   flags.DEFINE_integer('batch_size', 64, 'Images per jitted call (0 = all of a kind at '
                        'once); results do not depend on it.', lower_bound=0)
   flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype override.')
