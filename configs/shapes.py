@@ -62,19 +62,19 @@ def get_config(arg=None):
       ('length', None),
   )
 
-  def stage(task, steps, batch_size, lr):
+  def stage(task, steps, batch_size, lr, ema_decay, ema_warmup_steps=0):
     return dict(
         task=task,
         steps=steps,
         batch_size=batch_size,   # global batch
         dtype='float32',         # compute dtype; params and optimizer state stay float32
         remat=False,
-        optim=dict(lr=lr, warmup_steps=2, schedule='cosine', end_lr_factor=0.1,
+        optim=dict(lr=lr, warmup_steps=100, schedule='cosine', end_lr_factor=0.1,
                    b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
                    grad_accum=1),
-        ema=dict(decay=0.99, warmup_steps=0),
-        log_every=1,
-        ckpt_every=10,
+        ema=dict(decay=ema_decay, warmup_steps=ema_warmup_steps),
+        log_every=50,
+        ckpt_every=500,
         keep=2,
         sample_every=0,          # 0 = no sample grids during training
         max_nonfinite=5,         # consecutive non-finite steps before the run stops
@@ -84,13 +84,9 @@ def get_config(arg=None):
   # `heldout` (python -m dalle2_jax.evaluation.zero_shot --workdir W). Measured (3000 steps,
   # 29 min on 2 cores): test 100/100/100/99.2%, heldout 99.7/98.4/100/88.8%. Without the
   # colour augmentation and the pixel stem, heldout shape was 42% (2000 steps).
-  c.clip = stage('clip', steps=3000, batch_size=128, lr=1e-3)
+  c.clip = stage('clip', steps=3000, batch_size=128, lr=1e-3, ema_decay=0.995)
   c.clip.image_size = 64
-  c.clip.optim.warmup_steps = 100
   c.clip.optim.weight_decay = 0.05
-  c.clip.ema.decay = 0.995
-  c.clip.log_every = 50
-  c.clip.ckpt_every = 500
   # Half the examples get random off-palette object colours and captions without colour
   # words (never a held-out pair): the image tower's shape and position features stop
   # depending on colour, which the held-out (colour, shape) pairs need.
@@ -107,12 +103,8 @@ def get_config(arg=None):
   # >= 0.1 above the text embedding's (python -m dalle2_jax.tasks.prior --workdir W).
   # Measured with this config's CLIP (2 candidates, 64 DDIM steps): test 0.925 vs 0.811,
   # heldout 0.902 vs 0.799 (mean-image baseline 0.46 / 0.55).
-  c.prior = stage('prior', steps=1000, batch_size=64, lr=1e-3)
+  c.prior = stage('prior', steps=1000, batch_size=64, lr=1e-3, ema_decay=0.995)
   c.prior.image_size = 64        # = clip.image_size: images only go through the frozen CLIP
-  c.prior.optim.warmup_steps = 100
-  c.prior.ema.decay = 0.995
-  c.prior.log_every = 50
-  c.prior.ckpt_every = 500
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
   c.prior.model = dict(width=128, depth=2, heads=4, cond_drop_prob=0.1,
                        embed_norm='standardize',   # 'l2' (x sqrt(dim)) or 'standardize'
@@ -124,12 +116,8 @@ def get_config(arg=None):
                         spacing='trailing')
 
   # Decoder: 32 px ADM UNet conditioned on the CLIP image embedding (+ caption tokens).
-  c.decoder = stage('decoder', steps=3000, batch_size=32, lr=3e-4)
-  c.decoder.optim.warmup_steps = 100
-  c.decoder.ema.decay = 0.999
-  c.decoder.ema.warmup_steps = 200
-  c.decoder.log_every = 50
-  c.decoder.ckpt_every = 500
+  c.decoder = stage('decoder', steps=3000, batch_size=32, lr=3e-4, ema_decay=0.999,
+                    ema_warmup_steps=200)
   c.decoder.sample_every = 1000
   c.decoder.clip_checkpoint = ''
   c.decoder.image_size = 32
@@ -150,12 +138,8 @@ def get_config(arg=None):
   c.decoder.sample = dict(sampler='ddim', steps=25, guidance_scale=3.0)
 
   # Upsampler: 32 -> 64 px, no attention, trained on 32 px crops of the 64 px images.
-  c.upsampler = stage('upsampler', steps=1500, batch_size=16, lr=3e-4)
-  c.upsampler.optim.warmup_steps = 100
-  c.upsampler.ema.decay = 0.999
-  c.upsampler.ema.warmup_steps = 200
-  c.upsampler.log_every = 50
-  c.upsampler.ckpt_every = 500
+  c.upsampler = stage('upsampler', steps=1500, batch_size=16, lr=3e-4, ema_decay=0.999,
+                      ema_warmup_steps=200)
   c.upsampler.low_res = 32      # the image it conditions on (a resized dataset image)
   c.upsampler.high_res = 64     # the image it makes
   c.upsampler.image_size = c.upsampler.get_ref('high_res')   # what the input pipeline loads
