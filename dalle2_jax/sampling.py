@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dalle2_jax.training import writers
+
 SAMPLERS = ('ddim', 'ddpm', 'dpmpp_2m')
 
 # Steps of (prior, decoder, upsamplers...) for `--preset`. 'fast' is diffusers' UnCLIPPipeline
@@ -196,30 +198,6 @@ def load_image(path: str, size: int | None = None, mode: str = 'RGB') -> np.ndar
   return np.asarray(img, np.uint8)
 
 
-def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
-  """uint8 [N, H, W, 3] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3] grid."""
-  images = np.asarray(images, np.uint8)
-  n, h, w, c = images.shape
-  ncols = ncols or max(1, int(math.ceil(math.sqrt(n))))
-  ncols = min(ncols, n)
-  nrows = int(math.ceil(n / ncols))
-  grid = np.zeros((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.uint8)
-  for i in range(n):
-    r, col = divmod(i, ncols)
-    y, x = pad + r * (h + pad), pad + col * (w + pad)
-    grid[y:y + h, x:x + w] = images[i]
-  return grid
-
-
-def save_png(path: str, image: np.ndarray):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format='PNG')
-  epath.Path(path).write_bytes(buf.getvalue())
-
-
 def write_samples(outdir: str, images: np.ndarray, records: Sequence[dict[str, Any]],
                   ncols: int | None = None) -> list[str]:
   """Writes images as 0000.png, 0001.png, ... (in the given order), grid.png and
@@ -238,11 +216,11 @@ def write_samples(outdir: str, images: np.ndarray, records: Sequence[dict[str, A
   paths, lines = [], []
   for i, (image, record) in enumerate(zip(images, records)):
     name = f'{i:04d}.png'
-    save_png(os.fspath(out / name), image)
+    writers.write_png(out / name, image)
     paths.append(os.fspath(out / name))
     lines.append(json.dumps({'file': name, **record}))
   if len(images):
-    save_png(os.fspath(out / 'grid.png'), image_grid(images, ncols))
+    writers.write_png(out / 'grid.png', writers.image_grid(images, ncols, pad=2))
   (out / 'samples.jsonl').write_text(''.join(line + '\n' for line in lines))
   return paths
 

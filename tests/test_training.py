@@ -260,3 +260,14 @@ def test_distributed_settings_flags_over_config_over_environment(monkeypatch):
   config.distributed.port = 1
   with pytest.raises(ValueError, match=r"config\.distributed has unknown fields \['port'\]"):
     runtime.distributed_settings(config)
+
+
+def test_write_images_saves_a_png_grid(tmp_path):
+  from PIL import Image
+  images = np.stack([np.full((4, 4, 3), v) for v in (-1.0, 0.0, 1.0, 0.5)])
+  w = writers.MetricWriter(tmp_path / 'decoder', 'decoder', 10, console=False)
+  w.write_images(7, 'samples', images)
+  w.close()
+  png = np.asarray(Image.open(tmp_path / 'decoder' / writers.SAMPLES_DIR / 'samples_0000007.png'))
+  np.testing.assert_array_equal(png, writers.image_grid(images))
+  assert png.shape == (8, 8, 3) and png[0, 4, 0] == 128 and png[4, 0, 0] == 255

@@ -31,17 +31,31 @@ TENSORBOARD_DIR = 'tensorboard'
 SAMPLES_DIR = 'samples'
 
 
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-  """[B, H, W, C] in [-1, 1] -> one uint8 [rows*H, columns*W, C] grid."""
-  images = np.asarray(images, np.float32)
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 0) -> np.ndarray:
+  """[B, H, W, C] uint8, or float in [-1, 1] -> one uint8 grid, `pad` black pixels apart."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = np.clip(np.round((images.astype(np.float32) + 1.0) * 127.5), 0, 255)
+    images = images.astype(np.uint8)
   b, h, w, c = images.shape
-  columns = columns or int(math.ceil(math.sqrt(b)))
+  columns = min(columns or max(1, int(math.ceil(math.sqrt(b)))), b)
   rows = int(math.ceil(b / columns))
-  grid = np.zeros((rows * h, columns * w, c), np.float32) - 1.0
+  grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.uint8)
   for i in range(b):
     r, col = divmod(i, columns)
-    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = images[i]
-  return np.clip(np.round((grid + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    y, x = pad + r * (h + pad), pad + col * (w + pad)
+    grid[y:y + h, x:x + w] = images[i]
+  return grid
+
+
+def write_png(path, image: np.ndarray) -> None:
+  """Writes a uint8 [H, W, 3] or [H, W, 1] image as PNG (a local path or any epath)."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = np.asarray(image, np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format='PNG')
+  epath.Path(path).write_bytes(buf.getvalue())
 
 
 def _format_duration(seconds: float) -> str:
@@ -110,12 +124,8 @@ class MetricWriter:
       return
     grid = image_grid(images)
     self._tb.add_image(f'{self.stage}/{name}', grid, int(step), dataformats='HWC')
-    import io  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     self.samples_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    Image.fromarray(grid if grid.shape[-1] == 3 else grid[..., 0]).save(buf, format='PNG')
-    (self.samples_dir / f'{name}_{int(step):07d}.png').write_bytes(buf.getvalue())
+    write_png(self.samples_dir / f'{name}_{int(step):07d}.png', grid)
 
   def write_text(self, step: int, name: str, text: str) -> None:
     if self.active:
