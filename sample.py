@@ -58,13 +58,18 @@ _PRIOR_STEPS = flags.DEFINE_integer('prior_steps', None, 'Prior steps.', lower_b
 _PRIOR_GUIDANCE = flags.DEFINE_float('prior_guidance_scale', None, 'Prior classifier-free '
                                      'guidance scale (1 = none).', lower_bound=0.0)
 _PRIOR_ETA = flags.DEFINE_float('prior_eta', None, 'Prior DDIM eta.', lower_bound=0.0)
-_NUM_CANDIDATES = flags.DEFINE_integer('num_candidates', None, 'Prior best-of-N candidates.',
-                                       lower_bound=1)
+_PRIOR_CANDIDATES = flags.DEFINE_integer('prior_num_candidates', None, 'Prior best of N: '
+                                         'N image embeddings, the closest to the text '
+                                         'embedding is kept.', lower_bound=1)
 _DECODER_SAMPLER = flags.DEFINE_enum('decoder_sampler', None, _SAMPLERS, 'Decoder sampler.')
 _DECODER_STEPS = flags.DEFINE_integer('decoder_steps', None, 'Decoder steps.', lower_bound=1)
 _DECODER_GUIDANCE = flags.DEFINE_float('decoder_guidance_scale', None, 'Decoder '
                                        'classifier-free guidance scale.', lower_bound=0.0)
 _DECODER_ETA = flags.DEFINE_float('decoder_eta', None, 'Decoder DDIM eta.', lower_bound=0.0)
+_DECODER_CANDIDATES = flags.DEFINE_integer('decoder_num_candidates', None, 'Decoder best of '
+                                           'N (CLIP reranking): N images, the one whose CLIP '
+                                           'image embedding is closest to the prompt is kept. '
+                                           'Costs N decoder samples.', lower_bound=1)
 _UPSAMPLER_SAMPLER = flags.DEFINE_enum('upsampler_sampler', None, _SAMPLERS,
                                        'Upsampler sampler (all upsamplers).')
 _UPSAMPLER_STEPS = flags.DEFINE_list('upsampler_steps', None, 'Upsampler steps: one value, or '
@@ -138,10 +143,11 @@ def _settings(unclip):
     settings = settings.replace_stage(
         'prior', sampler=_PRIOR_SAMPLER.value, steps=_PRIOR_STEPS.value,
         guidance_scale=_PRIOR_GUIDANCE.value, eta=_PRIOR_ETA.value,
-        num_candidates=_NUM_CANDIDATES.value)
+        num_candidates=_PRIOR_CANDIDATES.value)
     settings = settings.replace_stage(
         'decoder', sampler=_DECODER_SAMPLER.value, steps=_DECODER_STEPS.value,
-        guidance_scale=_DECODER_GUIDANCE.value, eta=_DECODER_ETA.value)
+        guidance_scale=_DECODER_GUIDANCE.value, eta=_DECODER_ETA.value,
+        num_candidates=_DECODER_CANDIDATES.value)
     settings = settings.replace_stage('upsamplers', sampler=_UPSAMPLER_SAMPLER.value,
                                       eta=_UPSAMPLER_ETA.value)
     if _UPSAMPLER_STEPS.value:

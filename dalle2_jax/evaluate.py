@@ -143,7 +143,9 @@ def main(argv):
     if f.decoder_steps:
       settings = settings.replace_stage('decoder', steps=f.decoder_steps)
     settings = settings.replace_stage('prior', guidance_scale=f.prior_guidance_scale)
-    settings = settings.replace_stage('decoder', guidance_scale=f.decoder_guidance_scale)
+    settings = settings.replace_stage('decoder', guidance_scale=f.decoder_guidance_scale,
+                                      num_candidates=f.decoder_num_candidates)
+    settings = settings.replace_stage('prior', num_candidates=f.prior_num_candidates)
     if f.upsampler_steps:
       settings = settings.with_upsampler_steps([f.upsampler_steps])
     unclip.validate(settings)
@@ -181,6 +183,9 @@ def _define_flags():
                      lower_bound=0.0)
   flags.DEFINE_float('decoder_guidance_scale', None, 'Decoder classifier-free guidance '
                      'scale.', lower_bound=0.0)
+  flags.DEFINE_integer('prior_num_candidates', None, 'Prior best of N.', lower_bound=1)
+  flags.DEFINE_integer('decoder_num_candidates', None, 'Decoder best of N (CLIP reranking '
+                       'against the prompt).', lower_bound=1)
   flags.DEFINE_integer('batch_size', 64, 'Images per jitted call (0 = all of a kind at '
                        'once); results do not depend on it.', lower_bound=0)
   flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype override.')

@@ -51,7 +51,10 @@ class StageSampling:
   steps: int = 25
   guidance_scale: float = 1.0
   eta: float = 0.0
-  num_candidates: int = 1   # prior only: best of N by dot product with the text embedding
+  # Best of N. Prior: N image embeddings, the one closest to the text embedding. Decoder: N
+  # images, the one whose CLIP image embedding is closest to the text embedding (CLIP
+  # reranking, before the upsamplers); costs N decoder samples. Upsamplers: 1.
+  num_candidates: int = 1
 
   def validate(self, stage: str, timesteps: int | None = None):
     """Raises ValueError naming the stage and the offending setting."""
@@ -460,6 +463,9 @@ class UnCLIP:
     settings.decoder.validate(self.decoder.name, self.decoder.task.diffusion.timesteps)
     for u, s in zip(self.upsamplers, settings.upsamplers):
       s.validate(u.name, u.task.diffusion.timesteps)
+      if s.num_candidates != 1:
+        raise ValueError(f'{u.name}: num_candidates={s.num_candidates}, but only the prior '
+                         'and the decoder choose among candidates; use 1.')
 
   def _settings(self, settings: Settings | None) -> Settings:
     settings = settings or self.default_settings()
@@ -558,10 +564,19 @@ class UnCLIP:
         params['prior'], params['clip'], tokens, key, steps=s.steps,
         guidance_scale=s.guidance_scale, num_candidates=s.num_candidates, sampler=s.sampler)
 
-  def _decode_one(self, params, key, image_embed, tokens, settings: Settings):
-    """image_embed [1, D], tokens [1, L] -> uint8 [H, W, 3] through decoder and upsamplers."""
+  def _decode_one(self, params, key, image_embed, tokens, settings: Settings, target=None):
+    """image_embed [1, D], tokens [1, L] -> uint8 [H, W, 3] through decoder and upsamplers.
+
+    With settings.decoder.num_candidates = N > 1 the decoder draws N images and keeps the one
+    whose CLIP image embedding is closest to `target` [1, D] (default: image_embed, the
+    embedding the decoder was asked to invert; text-to-image passes the prompt's text
+    embedding)."""
     keys = jax.random.split(key, 1 + len(self.upsamplers))
-    x = self._decoder_sample(params, keys[0], image_embed, tokens, settings.decoder)
+    n = settings.decoder.num_candidates
+    x = self._decoder_sample(params, keys[0], jnp.repeat(image_embed, n, axis=0),
+                             jnp.repeat(tokens, n, axis=0), settings.decoder)
+    if n > 1:
+      x = self._closest_to(params['clip'], x, image_embed if target is None else target)
     for i, (up, s) in enumerate(zip(self.upsamplers, settings.upsamplers)):
       x = self._upsampler_sample(up, params['upsamplers'][i], keys[1 + i], x, s)
     return to_uint8(x)[0]
@@ -571,6 +586,14 @@ class UnCLIP:
     return self.decoder.task.generate(
         params['decoder'], params['clip'], tokens, key, clip_image_embed=image_embed,
         steps=s.steps, guidance_scale=s.guidance_scale, sampler=s.sampler, eta=s.eta)
+
+  def _closest_to(self, clip_params, images, target):
+    """images [N, S, S, 3] in [-1, 1], target embedding [1, D] -> the image [1, S, S, 3]
+    whose CLIP image embedding has the highest cosine with target (CLIP reranking)."""
+    from dalle2_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+    score = (clip_lib.l2_normalize(self.clip.encode_image(images, clip_params))
+             @ clip_lib.l2_normalize(target)[0])
+    return images[jnp.argmax(score)][None]
 
   def _upsampler_sample(self, stage: Stage, params, key, low_res, s: StageSampling):
     """[1, s, s, 3] -> [1, S, S, 3] in [-1, 1]."""
@@ -582,7 +605,9 @@ class UnCLIP:
       k_prior, k_decode = jax.random.split(key)
       tokens = tokens[None]
       image_embed = self._prior_one(params, k_prior, tokens, settings.prior)
-      return self._decode_one(params, k_decode, image_embed, tokens, settings)
+      text_embed = (self.clip.encode_text(tokens, params['clip'])[0]
+                    if settings.decoder.num_candidates > 1 else None)
+      return self._decode_one(params, k_decode, image_embed, tokens, settings, text_embed)
     return jax.vmap(one, in_axes=(None, 0, 0))
 
   def _prior_fn(self, settings: Settings):
@@ -770,6 +795,10 @@ class UnCLIP:
     the upsamplers then run as usual. Returns uint8 [num_images, S, S, 3].
     """
     settings = self._settings(settings)
+    if settings.decoder.num_candidates != 1:
+      raise ValueError('Inpainting draws one decoder sample per image; set the decoder '
+                       f'num_candidates to 1, not {settings.decoder.num_candidates} '
+                       '(--decoder_num_candidates).')
     if settings.decoder.sampler not in ('ddim', 'ddpm'):
       raise ValueError(f'Inpainting needs the decoder sampler ddim or ddpm, not '
                        f'{settings.decoder.sampler!r} (--decoder_sampler).')

@@ -121,6 +121,11 @@ def test_bad_settings_and_prompts(unclip, tmp_path):
     unclip.validate(sampling.Settings(s.prior, s.decoder, ()))
   with pytest.raises(ValueError, match='num_images_per_prompt'):
     unclip(['x'], num_images_per_prompt=0)
+  with pytest.raises(ValueError, match='upsampler: num_candidates=2'):
+    unclip.validate(s.replace_stage('upsamplers', num_candidates=2))
+  with pytest.raises(ValueError, match='decoder_num_candidates'):
+    unclip.inpaint(np.zeros((16, 16, 3), np.uint8), np.ones((16, 16), bool),
+                   settings=s.replace_stage('decoder', num_candidates=2))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     tokens = unclip.tokenize(['red ' * 100, 'a red circle'])
@@ -130,3 +135,39 @@ def test_bad_settings_and_prompts(unclip, tmp_path):
   bad.write_bytes(b'not a png')
   with pytest.raises(ValueError, match='broken.png'):
     unclip.variations([str(bad)])
+
+
+def test_decoder_best_of_n_keeps_the_candidate_closest_to_the_prompt(workdir, unclip):
+  # The selection itself: the image whose CLIP embedding is the target wins.
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+  z = unclip.encode_image(images)
+  for k in range(3):
+    chosen = unclip._closest_to(unclip.params['clip'], sampling.from_uint8(images), z[k:k + 1])
+    np.testing.assert_array_equal(np.asarray(chosen[0]), sampling.from_uint8(images)[k])
+
+  # In the chain: rebuild the 3 decoder candidates of image 0 from its key, score them
+  # against the prompt with CLIP, upsample the best: that is the image returned.
+  s = unclip.default_settings().replace_stage('decoder', num_candidates=3)
+  prompts = ['a large red circle in the top left', 'a small blue square']
+  out = unclip(prompts, seed=5, settings=s)
+  assert out.shape == (2, 32, 32, 3)
+  tokens = unclip.tokenize(prompts[:1])
+  k_prior, k_decode = jax.random.split(jax.numpy.asarray(unclip._keys(5, [0])[0]))
+  p = unclip.params
+  embed = unclip._prior_one(p, k_prior, tokens, s.prior)
+  keys = jax.random.split(k_decode, 2)
+  cands = unclip._decoder_sample(p, keys[0], np.repeat(embed, 3, 0), np.repeat(tokens, 3, 0),
+                                 s.decoder)
+  l2 = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
+  score = l2(unclip.clip.encode_image(cands)) @ l2(unclip.clip.encode_text(tokens)[0])[0]
+  assert len(set(np.round(score, 5))) == 3   # the choice is not a tie
+  best = cands[int(np.argmax(score))][None]
+  want = sampling.to_uint8(unclip._upsampler_sample(unclip.upsamplers[0], p['upsamplers'][0],
+                                                    keys[1], best, s.upsamplers[0]))[0]
+  diff = np.abs(np.asarray(want).astype(int) - out[0])
+  assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+  # The same on one device.
+  one = sampling.UnCLIP.from_workdir(workdir, devices=jax.devices()[:1])
+  diff1 = np.abs(one(prompts, seed=5, settings=s).astype(int) - out)
+  assert diff1.max() <= 1 and diff1.mean() < 0.01
