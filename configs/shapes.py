@@ -160,7 +160,7 @@ def get_config(arg=None):
       c[name].steps = c[name].steps // 5
       c[name].ckpt_every = 200
     # The decoder is most of the time: half the batch (2.5x the steps/s), a third of the
-    # steps. 600 steps at batch 16 drew coloured blobs, not shapes.
+    # steps. 600 steps at batch 16 drew blobs in muted, wrong colours.
     c.decoder.batch_size = 16
     c.decoder.steps = 1000
   c.lock()
