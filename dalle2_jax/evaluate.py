@@ -142,10 +142,10 @@ def main(argv):
       settings = settings.replace_stage('prior', steps=f.prior_steps)
     if f.decoder_steps:
       settings = settings.replace_stage('decoder', steps=f.decoder_steps)
-    settings = settings.replace_stage('prior', guidance_scale=f.prior_guidance_scale)
+    settings = settings.replace_stage('prior', guidance_scale=f.prior_guidance_scale,
+                                      num_candidates=f.prior_num_candidates)
     settings = settings.replace_stage('decoder', guidance_scale=f.decoder_guidance_scale,
                                       num_candidates=f.decoder_num_candidates)
-    settings = settings.replace_stage('prior', num_candidates=f.prior_num_candidates)
     if f.upsampler_steps:
       settings = settings.with_upsampler_steps([f.upsampler_steps])
     unclip.validate(settings)
