@@ -33,6 +33,7 @@ from dalle2_jax.evaluation import metrics
 
 KINDS = ('test', 'heldout')
 STYLES = ('full', 'partial', 'two')
+IMAGE_EMBEDS = ('prior', 'ground_truth')
 TARGETS = {'seen_overall': 0.90, 'heldout_overall': 0.75, 'two_object_overall': 0.60}
 
 
@@ -48,7 +49,7 @@ def real_images(config, split: str, num: int) -> np.ndarray:
 
 def evaluate(unclip, *, num_prompts: int = 64, seed: int = 0, prompt_seed: int = 1234,
              settings=None, batch_size: int | None = None, num_real: int | None = None,
-             progress=None) -> dict[str, Any]:
+             image_embeds: str = 'prior', progress=None) -> dict[str, Any]:
   """Runs the evaluation; returns the JSON-able report (see the module docstring).
 
   Args:
@@ -59,25 +60,37 @@ def evaluate(unclip, *, num_prompts: int = 64, seed: int = 0, prompt_seed: int =
     settings: `sampling.Settings` (default: the stages' config defaults).
     batch_size: images per jitted call (None = one call per kind).
     num_real: real `test` images for the FD (default: as many as generated test images).
+    image_embeds: what the decoder decodes: 'prior' (the whole chain, text -> prior ->
+      decoder) or 'ground_truth' (the CLIP image embedding of each prompt's ground-truth
+      rendering, with the prompt as the decoder's caption: the decoder and upsamplers alone,
+      so the gap between the two is the prior's share of the errors).
     progress: optional callback(done, total, seconds) per batch.
   """
   from dalle2_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
   if num_prompts < 1:
     raise ValueError(f'num_prompts must be >= 1, got {num_prompts}.')
+  if image_embeds not in IMAGE_EMBEDS:
+    raise ValueError(f'image_embeds={image_embeds!r}; choose one of {IMAGE_EMBEDS}.')
   settings = settings or unclip.default_settings()
   unclip.validate(settings)
   t0 = time.time()
   report: dict[str, Any] = {'num_prompts_per_style': num_prompts, 'seed': seed,
                             'prompt_seed': prompt_seed, 'settings': settings.to_dict(),
-                            'stages': list(unclip.stage_names)}
+                            'stages': list(unclip.stage_names), 'image_embeds': image_embeds}
   accuracy, results_by, embeds = {}, {}, {}
   clip_scores = {}
   for kind in KINDS:
     prompts = captioned_shapes.eval_prompts(kind, num_prompts, prompt_seed, styles=STYLES)
     captions = list(prompts['caption'])
-    images = np.asarray(unclip(captions, seed=seed, settings=settings,
-                               batch_size=batch_size, progress=progress))
+    truth_embed = unclip.encode_image(np.asarray(prompts['image'], np.uint8))
+    if image_embeds == 'prior':
+      images = unclip(captions, seed=seed, settings=settings, batch_size=batch_size,
+                      progress=progress)
+    else:
+      images = unclip.decode(truth_embed, seed=seed, prompts=captions, settings=settings,
+                             batch_size=batch_size, progress=progress)
+    images = np.asarray(images)
     results = scoring.score_images(images, prompts)
     styles = np.asarray(prompts['style'])
     accuracy[kind] = {s: scoring.aggregate([r for r, st in zip(results, styles) if st == s])
@@ -86,7 +99,6 @@ def evaluate(unclip, *, num_prompts: int = 64, seed: int = 0, prompt_seed: int =
     results_by[kind] = (results, styles)
     image_embed = unclip.encode_image(images)
     text_embed = unclip.encode_text(captions)
-    truth_embed = unclip.encode_image(np.asarray(prompts['image'], np.uint8))
     embeds[kind] = image_embed
     clip_scores[kind] = {
         'generated': metrics.clip_score(image_embed, text_embed),
@@ -159,7 +171,8 @@ def main(argv):
   import contextlib  # pylint: disable=g-import-not-at-top
   with contextlib.redirect_stdout(sys.stderr):   # stdout carries only the JSON report
     report = evaluate(unclip, num_prompts=f.num_prompts, seed=f.seed, settings=settings,
-                      batch_size=f.batch_size or None, progress=progress)
+                      batch_size=f.batch_size or None, image_embeds=f.image_embeds,
+                      progress=progress)
   report['workdir'] = f.workdir
   text = json.dumps(report, indent=2)
   print(text)
@@ -186,6 +199,9 @@ def _define_flags():
   flags.DEFINE_integer('prior_num_candidates', None, 'Prior best of N.', lower_bound=1)
   flags.DEFINE_integer('decoder_num_candidates', None, 'Decoder best of N (CLIP reranking '
                        'against the prompt).', lower_bound=1)
+  flags.DEFINE_enum('image_embeds', 'prior', list(IMAGE_EMBEDS), "What the decoder decodes: "
+                    "'prior' (the whole chain) or 'ground_truth' (CLIP image embeddings of "
+                    "the prompts' true renderings: the decoder's share of the errors).")
   flags.DEFINE_integer('batch_size', 64, 'Images per jitted call (0 = all of a kind at '
                        'once); results do not depend on it.', lower_bound=0)
   flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype override.')

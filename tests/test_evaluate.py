@@ -53,6 +53,13 @@ class Oracle:
     images = np.stack([self.truth[p] for p in prompts])
     return np.zeros_like(images) if self.blank else images
 
+  def decode(self, image_embeds, prompts, **kw):
+    """Checks that it was given the CLIP embeddings of the prompts' true renderings."""
+    del kw
+    images = np.stack([self.truth[p] for p in prompts])
+    np.testing.assert_allclose(image_embeds, self.encode_image(images), rtol=1e-5, atol=1e-5)
+    return images
+
 
 def test_oracle_scores_perfectly_and_blank_scores_zero(unclip):
   report = evaluate.evaluate(Oracle(unclip, 4, 1234), num_prompts=4, num_real=16)
@@ -74,3 +81,15 @@ def test_oracle_scores_perfectly_and_blank_scores_zero(unclip):
   assert blank['summary']['seen_overall'] == 0.0
   assert not any(blank['summary']['meets_targets'].values())
   assert blank['fd']['clip_image_embed_fd'] > report['fd']['clip_image_embed_fd']
+
+
+def test_ground_truth_image_embeds_decode_the_true_renderings(unclip):
+  class DecoderOnly(Oracle):
+    def __call__(self, prompts, **kw):
+      raise AssertionError('the whole chain ran')
+  oracle = DecoderOnly(unclip, 3, 1234)
+  report = evaluate.evaluate(oracle, num_prompts=3, num_real=8, image_embeds='ground_truth')
+  assert report['image_embeds'] == 'ground_truth'
+  assert report['summary']['seen_overall'] == report['summary']['heldout_overall'] == 1.0
+  with pytest.raises(ValueError, match='image_embeds'):
+    evaluate.evaluate(oracle, num_prompts=1, image_embeds='text')
