@@ -172,3 +172,50 @@ def test_empty_caption_takes_the_null_caption():
     np.testing.assert_allclose(got[row], want[row], atol=1e-5)
   # and the null caption is not the same as CLIP's encoding of ''
   assert np.abs(np.asarray(got[0]) - np.asarray(want[0])).max() > 1e-3
+
+
+def test_clip_embeds_the_image_at_its_own_resolution(shapes, monkeypatch):
+  """A decoder below CLIP's resolution loads images at CLIP's size (the prior's embedding
+  space) and trains on them resized to its own."""
+  from dalle2_jax.training import loop  # pylint: disable=g-import-not-at-top
+  c = make_config()
+  c.decoder.image_size = 16
+  task = decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=random_clip(c))
+  assert task.input_image_size() == SIZE
+  seen = {}
+  monkeypatch.setattr(pipeline, 'make_input', lambda *a, **kw: seen.update(kw))
+  loop.default_input_fn(c, 'decoder', task, mesh=None, seed=0)
+  assert seen['image_size'] == SIZE
+  x = jnp.asarray(shapes['image'], jnp.float32) / 127.5 - 1
+  assert task.images({'image': x}).shape == (8, 16, 16, 3)
+  c.decoder.image_size = 64
+  assert decoder_task.DecoderTask(c, 'decoder', '/tmp/unused',
+                                  frozen_clip=random_clip(c)).input_image_size() == 64
+
+
+def test_recolour_augmentation_in_prepare_batch():
+  """config.decoder.recolour_prob recolours that fraction of the batch (colour-free
+  captions, re-tokenised), and refuses precomputed CLIP embeddings it would invalidate."""
+  from configs import shapes as shapes_config  # pylint: disable=g-import-not-at-top
+  c = shapes_config.get_config()
+  c.unlock()
+  for k in ('image_size', 'model'):
+    c.clip[k] = make_config().clip[k]
+  c.decoder.recolour_prob = 0.5
+  task = decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=random_clip(c))
+  ex = [cs.make_example('train', i) for i in range(64)]
+  batch = {k: np.stack([e[k] for e in ex]) for k in ('objects', 'num_objects', 'relation',
+                                                     'names')}
+  batch['image'] = np.stack([e['image'] for e in ex]).astype(np.float32) / 127.5 - 1
+  batch['caption'] = [e['caption'] for e in ex]
+  batch['tokens'] = tokenizer_lib.Tokenizer.from_config(c)(batch['caption'])
+  out = task.prepare_batch(batch)
+  changed = np.any(out['image'] != batch['image'], axis=(1, 2, 3))
+  assert 16 <= changed.sum() <= 48
+  for i in np.flatnonzero(changed):
+    assert not set(out['caption'][i].replace(',', ' ').split()) & set(cs.COLOUR_NAMES)
+  with pytest.raises(ValueError, match='recolour_prob'):
+    task.prepare_batch(dict(batch, clip_image_embed=np.zeros((64, 8), np.float32)))
+  c.decoder.recolour_prob = 0.0
+  task = decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=random_clip(c))
+  assert task.prepare_batch(batch) is batch

@@ -53,6 +53,11 @@ class Task:
     return None
 
   # --- data ------------------------------------------------------------------------------
+  def input_image_size(self) -> int | None:
+    """The side the input pipeline loads training images at (None = config.data's)."""
+    size = self.stage_config.get('image_size')
+    return None if size is None else int(size)
+
   def prepare_batch(self, batch: dict) -> dict:
     """Host-side (numpy) preprocessing of a per-process batch. Default: unchanged."""
     return batch

@@ -16,24 +16,21 @@ model.logit_scale_init, model.text.{width, depth, heads, vocab_size, activation,
 model.vision.{width, depth, heads, patch_size, activation, ...}, dtype, remat, and
 recolour_prob (captioned_shapes only: the fraction of examples whose objects get random
 off-palette colours and whose caption loses its colour words; see
-`data.captioned_shapes.recolour`. It makes the image tower's shape and position features
-independent of colour, which is what zero-shot accuracy on the held-out pairs needs).
+`tasks/recolour.py`. It makes the image tower's shape and position features independent of
+colour, which is what zero-shot accuracy on the held-out pairs needs).
 """
 
 from __future__ import annotations
 
 from typing import Mapping
-import zlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from dalle2_jax import tokenizer as tokenizer_lib
-from dalle2_jax.data import captioned_shapes
 from dalle2_jax.models import clip as clip_lib
 from dalle2_jax.tasks import base
+from dalle2_jax.tasks import recolour as recolour_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -76,14 +73,7 @@ class ClipTask(base.Task):
     self._model = clip_lib.build_model(
         self.model_config, dtype=_dtype(sc.get('dtype', 'float32')),
         remat=bool(sc.get('remat', False)))
-    self.recolour_prob = float(sc.get('recolour_prob', 0.0))
-    if not 0.0 <= self.recolour_prob <= 1.0:
-      raise ValueError(f'config.{stage}.recolour_prob={self.recolour_prob} must be in [0, 1].')
-    if self.recolour_prob and config.data.name != 'captioned_shapes':
-      raise ValueError(f'config.{stage}.recolour_prob needs the captioned_shapes attributes; '
-                       f'set it to 0 for config.data.name={config.data.name!r}.')
-    self._tokenizer = (tokenizer_lib.Tokenizer.from_config(config) if self.recolour_prob
-                       else None)
+    self.recolour = recolour_lib.Recolour(config, stage)
 
   def model(self):
     return self._model
@@ -93,24 +83,7 @@ class ClipTask(base.Task):
     return self._model.init(rng, tokens, pixels)['params']
 
   def prepare_batch(self, batch: dict) -> dict:
-    """Recolours a `recolour_prob` fraction of the batch (host side). The choice is seeded
-    by the batch's own tokens, so a resumed run draws the same augmentation."""
-    if not self.recolour_prob:
-      return batch
-    rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(batch['tokens']).tobytes()))
-    pick = np.flatnonzero(rng.random(len(batch['tokens'])) < self.recolour_prob)
-    if not len(pick):
-      return batch
-    batch = dict(batch)
-    images, captions = np.array(batch['image']), list(batch['caption'])
-    for i in pick:
-      images[i], captions[i] = captioned_shapes.recolour(
-          images[i], batch['objects'][i], batch['num_objects'][i], batch['names'][i],
-          batch['relation'][i], rng)
-    batch['image'], batch['caption'] = images, captions
-    batch['tokens'] = np.array(batch['tokens'])
-    batch['tokens'][pick] = self._tokenizer([captions[i] for i in pick])
-    return batch
+    return self.recolour(batch)
 
   def _inputs(self, batch: Mapping[str, jax.Array]):
     for key in ('image', 'tokens'):

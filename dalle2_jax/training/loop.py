@@ -81,7 +81,7 @@ def default_input_fn(config, stage, task, mesh, seed):
   sc = config[stage]
   return pipeline.make_input(config, config.data.train_split,
                              global_batch_size=int(sc.batch_size), mesh=mesh,
-                             image_size=sc.get('image_size'), prepare=task.prepare_batch,
+                             image_size=task.input_image_size(), prepare=task.prepare_batch,
                              seed=seed)
 
 
