@@ -169,7 +169,7 @@ def test_task_loss_metrics_and_stats(clip_workdir, embed_norm):
   x = task.normalize(ie, 'image', st)
   if embed_norm == 'l2':
     np.testing.assert_allclose(jnp.linalg.norm(x, axis=-1), np.sqrt(32), rtol=1e-5)
-    np.testing.assert_allclose(task.denormalize(x, 'image', st), prior_task._l2(ie), atol=1e-5)
+    np.testing.assert_allclose(task.denormalize(x, 'image', st), clip_lib.l2_normalize(ie), atol=1e-5)
   else:
     np.testing.assert_allclose(task.denormalize(x, 'image', st), ie, rtol=1e-4, atol=1e-4)
   assert task.flops_per_example() > 0
@@ -186,9 +186,9 @@ def test_candidates_best_of_n_and_guidance(clip_workdir):
   best, cands = run(jax.random.PRNGKey(0))
   assert best.shape == (4, 32) and cands.shape == (4, 3, 32)
   te = task.encode(frozen, batch['tokens'])[0]
-  scores = np.einsum('bnd,bd->bn', np.asarray(prior_task._l2(cands)),
-                     np.asarray(prior_task._l2(te)))
-  chosen = np.einsum('bd,bd->b', np.asarray(best), np.asarray(prior_task._l2(te)))
+  scores = np.einsum('bnd,bd->bn', np.asarray(clip_lib.l2_normalize(cands)),
+                     np.asarray(clip_lib.l2_normalize(te)))
+  chosen = np.einsum('bd,bd->b', np.asarray(best), np.asarray(clip_lib.l2_normalize(te)))
   np.testing.assert_allclose(chosen, scores.max(1), rtol=1e-5)
   np.testing.assert_allclose(jnp.linalg.norm(best, axis=-1), 1.0, rtol=1e-5)
 
@@ -225,5 +225,5 @@ def test_trained_prior_beats_text_embedding_baseline(clip_workdir, tmp_path):
   assert pred > mean_base, (pred, mean_base)
   emb = jax.jit(lambda r: task.sample_image_embed(params, task.frozen_params(), tokens, r,
                                                   steps=16))(jax.random.PRNGKey(1))
-  sims = np.asarray(prior_task._l2(emb)) @ np.asarray(prior_task._l2(ie)).T
+  sims = np.asarray(clip_lib.l2_normalize(emb)) @ np.asarray(clip_lib.l2_normalize(ie)).T
   assert np.mean(np.argmax(sims, 1) == np.arange(NUM_PAIRS)) >= 0.75, sims

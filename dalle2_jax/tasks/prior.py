@@ -49,14 +49,9 @@ EMBED_NORMS = ('l2', 'standardize')
 STATS_KEYS = ('image_mean', 'image_std', 'text_mean', 'text_std')
 
 
-def _l2(x, eps=1e-12):
-  x = jnp.asarray(x, jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps))
-
-
 def cosine(a, b):
   """Row-wise cosine similarity [B] of [B, D] arrays, float32."""
-  return jnp.sum(_l2(a) * _l2(b), axis=-1)
+  return jnp.sum(clip_lib.l2_normalize(a) * clip_lib.l2_normalize(b), axis=-1)
 
 
 def embed_stats(image_embeds, text_embeds, eps: float = 1e-6) -> dict[str, np.ndarray]:
@@ -160,14 +155,14 @@ class PriorTask(base.Task):
     """CLIP space -> the prior's space ('image' or 'text' statistics)."""
     x = jnp.asarray(x, jnp.float32)
     if self.embed_norm == 'l2':
-      return _l2(x) * np.sqrt(self.embed_dim)
+      return clip_lib.l2_normalize(x) * np.sqrt(self.embed_dim)
     return (x - stats[f'{kind}_mean']) / stats[f'{kind}_std']
 
   def denormalize(self, x, kind: str = 'image', stats=None):
     """The prior's space -> CLIP space ('l2': the unit vector of x)."""
     x = jnp.asarray(x, jnp.float32)
     if self.embed_norm == 'l2':
-      return _l2(x)
+      return clip_lib.l2_normalize(x)
     return x * stats[f'{kind}_std'] + stats[f'{kind}_mean']
 
   def compute_stats(self, num: int, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -272,7 +267,7 @@ class PriorTask(base.Task):
     x = self.diffusion.sample(model_fn, (b * n, self.embed_dim), rng, sampler=sampler,
                               steps=steps, spacing=spacing, guidance_scale=guidance_scale)
     cands = self.denormalize(x, 'image', stats).reshape(b, n, self.embed_dim)
-    score = jnp.einsum('bnd,bd->bn', _l2(cands), _l2(text_embed))
+    score = jnp.einsum('bnd,bd->bn', clip_lib.l2_normalize(cands), clip_lib.l2_normalize(text_embed))
     best = jnp.argmax(score, axis=1)
     chosen = jnp.take_along_axis(cands, best[:, None, None], axis=1)[:, 0]
     return (chosen, cands) if return_candidates else chosen
@@ -291,7 +286,7 @@ class PriorTask(base.Task):
     text_embed, _, _, image_embed = self.encode(frozen, batch['tokens'], batch['image'])
     pred = self.sample_image_embed(params, frozen, batch['tokens'], rng, **sample_kw)
     if mean_image_embed is None:
-      mean_image_embed = jnp.mean(_l2(image_embed), axis=0)
+      mean_image_embed = jnp.mean(clip_lib.l2_normalize(image_embed), axis=0)
     mean = jnp.broadcast_to(jnp.asarray(mean_image_embed, jnp.float32), image_embed.shape)
     return dict(cos_pred_image=cosine(pred, image_embed),
                 cos_text_image=cosine(text_embed, image_embed),
@@ -324,7 +319,7 @@ def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
                        image=np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))))
 
   # the split's mean (unit) image embedding, for the text-blind baseline
-  enc = jax.jit(lambda b: _l2(task.encode(frozen, b['tokens'], b['image'])[3]))
+  enc = jax.jit(lambda b: clip_lib.l2_normalize(task.encode(frozen, b['tokens'], b['image'])[3]))
   mean = sum(np.asarray(enc(b))[:m].sum(0) for _, m, b in batches()) / n
   run = jax.jit(lambda p, b, r: task.evaluate(p, frozen, b, r, mean_image_embed=mean,
                                               **sample_kw))
