@@ -148,7 +148,9 @@ def main():
   ap.add_argument('--out', default='sampling_cpu.json', help='file name in bench/results/')
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   a = ap.parse_args()
-  if a.child:
+  if a.child:   # the XLA flags sample.py runs with (dalle2_jax/cpu_flags.py)
+    from dalle2_jax import cpu_flags  # pylint: disable=g-import-not-at-top
+    cpu_flags.use_sampling_flags()
     print(json.dumps(run_one(a.child, a.repeats)), flush=True)
     return
   names = [n for n in a.only.split(',') if n] or list(matched.SAMPLING)
