@@ -19,6 +19,11 @@ Loss: `config.decoder.diffusion` (paper: cosine schedule, 1000 steps, eps object
 learned variance, hybrid loss L_simple + 0.001 L_vlb); plain eps / x0 / v objectives with
 `learned_variance=False`.
 
+The input pipeline loads images at max(image_size, CLIP's resolution) (`input_image_size`):
+CLIP embeds the full image, as for the prior, and the diffusion target is it resized to
+image_size. `recolour_prob` (captioned_shapes only, tasks/recolour.py) recolours that
+fraction of each batch, so objects' colours come from the image embedding.
+
 A batch may carry precomputed CLIP image embeddings as 'clip_image_embed' [B, D] (CLIP space,
 see tasks/clip_embeddings.py); they are used instead of embedding the images.
 
@@ -171,7 +176,7 @@ class DecoderTask(base.Task):
     own small images would train on embeddings that the prior never samples (at 32 px vs
     CLIP's 64 on captioned_shapes: cosine 0.92 with the 64 px embedding, and small objects'
     shapes and positions lost)."""
-    return max(self.image_size, int(self.clip.config.image_size))
+    return max(self.image_size, self.clip.image_size)
 
   def prepare_batch(self, batch: dict) -> dict:
     if 'clip_image_embed' in batch and self.recolour.prob:
