@@ -16,6 +16,10 @@ import sys
 import time
 from typing import Any, Callable
 
+# The parent processes of the benchmarks touch the device too (the matmul peak, the backend's
+# name); without this, a GPU parent would hold most of the GPU's memory while its children run.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -100,6 +104,28 @@ def matmul_peak_jax(n: int = 2048, repeats: int = 10, dtype: str = 'float32') ->
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t0)
   return 2.0 * n ** 3 / min(times)
+
+
+def device_peak() -> dict[str, Any]:
+  """The matmul peak MFU is measured against: bfloat16 8192^3 on an accelerator, f32 2048^3
+  on CPU (where bf16 is slower than f32)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == 'cpu':
+    n, dtype = 2048, 'float32'
+  else:
+    n, dtype = 8192, 'bfloat16'
+  return dict(flops_per_s=matmul_peak_jax(n, repeats=20, dtype=dtype), n=n, dtype=dtype)
+
+
+def device_memory_peak_mb() -> float | None:
+  """Peak bytes in use on the first device (accelerators; None where not reported)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    return None
+  peak = stats.get('peak_bytes_in_use')
+  return None if peak is None else peak / 2**20
 
 
 def time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> dict[str, float]:

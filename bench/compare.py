@@ -188,7 +188,7 @@ def main():
       [n for n in a.only.split(',') if n] or
       matched.TRAIN_STEP_CONFIGS + matched.CONV_GRAD_CONFIGS)
   sample_names = [] if a.no_sampling else (
-      [n for n in a.sampling.split(',') if n] or list(matched.SAMPLING))
+      [n for n in a.sampling.split(',') if n] or matched.CPU_SAMPLING)
   for n in train_names:
     if n not in matched.CONFIGS:
       sys.exit(f'unknown training config {n!r}; known: {sorted(matched.CONFIGS)}')

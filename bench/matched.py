@@ -169,3 +169,62 @@ SAMPLING = {s['name']: s for s in (
     _pipeline('pipeline_fast', 'fast', (25, 25, 7), batch=4),
     _pipeline('pipeline_paper', 'paper', (64, 250, 27, 15), batch=2),
 )}
+
+
+# --- GPU (ours only; bfloat16 compute, float32 params and optimizer state) -------------------
+# Sizes of configs/coco64.py (the GPU recipe) and the paper's prior, at batches that keep an
+# 80 GB H100 busy. MFU is against a bfloat16 8192^3 matmul measured in the same process.
+def _gpu(spec, dtype='bfloat16'):
+  spec = dict(spec, ours=dict(spec['ours'], dtype=dtype), peer=None)
+  if 'custom_conv_grad' in spec['ours'].get('model', {}):
+    spec['ours']['model'] = dict(spec['ours']['model'], custom_conv_grad=False)   # cuDNN's
+  return spec
+
+
+_GPU_TRAIN = (
+    _prior('prior_gpu_m', 'gpu_m', batch=512, width=1024, depth=16, heads=16,
+           peer_ff_mult=3.5, steps=30, warmup=5),
+    _prior('prior_gpu_l', 'gpu_l', batch=256, width=2048, depth=24, heads=32,
+           peer_ff_mult=3.5, steps=20, warmup=5),
+    _decoder('decoder_gpu_s', 'gpu_s', batch=256, image_size=64, channels=128,
+             channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(16, 8),
+             head_channels=64, embed_dim=512, text_width=512, peer_heads=8, steps=20,
+             warmup=5),
+    # Batch 128 ran out of memory on an 80 GB H100 (a 49.8 GiB allocation: the float32
+    # attention logits at 32 px, 1024 tokens); 64 is untried.
+    _decoder('decoder_gpu_m', 'gpu_m', batch=64, image_size=64, channels=192,
+             channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_resolutions=(32, 16, 8),
+             head_channels=64, embed_dim=512, text_width=512, peer_heads=12, steps=20,
+             warmup=5),
+    _upsampler('upsampler_gpu_m', 'gpu_m', batch=128, low_res=64, high_res=256, crop=64,
+               channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2, embed_dim=512,
+               steps=20, warmup=5),
+)
+CONFIGS.update({c['name']: _gpu(c) for c in _GPU_TRAIN})
+GPU_TRAIN_STEP_CONFIGS = [c['name'] for c in _GPU_TRAIN]
+
+_GPU_CLIP = dict(embed_dim=512, text_width=512)
+_GPU_PRIOR = dict(width=1024, depth=16, heads=16)
+_GPU_DECODER = dict(image_size=64, model=dict(
+    channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+    attention_resolutions=(32, 16, 8), head_channels=64, num_clip_tokens=4,
+    text_encoder='clip', dropout=0.0, custom_conv_grad=False))
+_GPU_UP = dict(low_res=64, high_res=256, model=dict(
+    channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(),
+    head_channels=64, dropout=0.0, custom_conv_grad=False))
+
+
+def _gpu_pipeline(name, steps, batch):
+  return dict(name=name, preset='fast', mode='pipeline', batch=batch, clip=_GPU_CLIP,
+              repeats=3, prior=_GPU_PRIOR, decoder=_GPU_DECODER,
+              upsamplers=[_GPU_UP][:len(steps) - 2], dtype='bfloat16', peer=None,
+              settings=dict(steps=tuple(steps), prior_guidance=4.0, decoder_guidance=3.0,
+                            num_candidates=2))
+
+
+SAMPLING.update({s['name']: s for s in (
+    _gpu_pipeline('gpu_fast_64', (25, 25), batch=128),
+    _gpu_pipeline('gpu_fast_256', (25, 25, 7), batch=128),
+)})
+GPU_SAMPLING = ['gpu_fast_64', 'gpu_fast_256']
+CPU_SAMPLING = ['pipeline_fast', 'pipeline_paper']

@@ -70,6 +70,9 @@ def make_config(spec: dict, custom_conv_grad: bool | None = None):
       sc.model[k] = v
     if custom_conv_grad is not None and 'custom_conv_grad' in sc.model:
       sc.model.custom_conv_grad = custom_conv_grad
+    if 'dtype' in o:
+      sc.dtype = o['dtype']
+      config.clip.dtype = o['dtype']
     if 'custom_conv_grad' in spec and 'custom_conv_grad' in sc.model:
       sc.model.custom_conv_grad = spec['custom_conv_grad']
     clip = o.get('clip')

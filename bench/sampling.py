@@ -68,6 +68,8 @@ def build_unclip(spec: dict):
         config[name].model[k] = v
       names.append(name)
     config.stages = ('clip', 'prior', 'decoder') + tuple(names)
+    for stage in config.stages:
+      config[stage].dtype = spec.get('dtype', 'float32')
   clip = ours.random_frozen_clip(config)
   rng = jax.random.key(0)
   fake = ours.synthetic_batch(config, 'decoder', 2)
@@ -126,8 +128,9 @@ def run_one(name: str, repeats: int) -> dict:
               image_shape=list(images.shape), params=counts, build_s=build_s,
               first_call_s=first, compile_s=max(first - med, 0.0), latency_s=med,
               latency_all_s=times, images_per_s=batch / med, repeats=repeats,
-              settings=spec['settings'], rss_before_model_mb=rss0,
-              peak_rss_mb=common.rss_peak_mb())
+              settings=spec['settings'], dtype=spec.get('dtype', 'float32'),
+              rss_before_model_mb=rss0, peak_rss_mb=common.rss_peak_mb(),
+              device_peak_mb=common.device_memory_peak_mb())
 
 
 def run_in_subprocess(name: str, repeats: int, timeout: float = 1800) -> dict:
@@ -145,7 +148,8 @@ def main():
   ap = argparse.ArgumentParser(description='Sampling benchmark (see module docstring).')
   ap.add_argument('--only', default='', help='comma-separated names of bench/matched.SAMPLING')
   ap.add_argument('--repeats', type=int, default=2)
-  ap.add_argument('--out', default='sampling_cpu.json', help='file name in bench/results/')
+  ap.add_argument('--out', default='', help='file name in bench/results/ '
+                  '(default sampling_<backend>.json)')
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   a = ap.parse_args()
   if a.child:   # the XLA flags sample.py runs with (dalle2_jax/cpu_flags.py)
@@ -153,23 +157,30 @@ def main():
     cpu_flags.use_sampling_flags()
     print(json.dumps(run_one(a.child, a.repeats)), flush=True)
     return
-  names = [n for n in a.only.split(',') if n] or list(matched.SAMPLING)
+  import jax  # pylint: disable=g-import-not-at-top
+  backend = jax.default_backend()
+  names = [n for n in a.only.split(',') if n] or (
+      matched.CPU_SAMPLING if backend == 'cpu' else matched.GPU_SAMPLING)
   load_before = common.load_snapshot()
+
+  def write():
+    return common.write_json(a.out or f'sampling_{backend}.json', dict(
+        benchmark='sampling', command='python bench/sampling.py ' + ' '.join(sys.argv[1:]),
+        env=common.jax_environment(), load_before=load_before,
+        load_after=common.load_snapshot(), results=results))
+
   results = []
   for n in names:
     r = run_in_subprocess(n, a.repeats)
     results.append(r)
+    write()   # after every config: a run cut short keeps what it measured
     if 'error' in r:
       print(f'{n}: FAILED\n{r["error"]}', file=sys.stderr)
       continue
     print(f'{n:16s} steps {"/".join(map(str, r["steps"])):14s} batch {r["batch"]}  '
           f'latency {common.fmt_s(r["latency_s"]):>9s}  {r["images_per_s"]:6.2f} img/s  '
           f'compile {r["compile_s"]:5.1f} s', flush=True)
-  path = common.write_json(a.out, dict(
-      benchmark='sampling', command='python bench/sampling.py ' + ' '.join(sys.argv[1:]),
-      env=common.jax_environment(), load_before=load_before,
-      load_after=common.load_snapshot(), results=results))
-  print('wrote', path)
+  print('wrote', write())
 
 
 if __name__ == '__main__':

@@ -43,7 +43,7 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
 
   rss0 = common.rss_peak_mb()
   spec = matched.CONFIGS[name]
-  peak = peak or common.matmul_peak_jax()
+  peak = peak or common.device_peak()['flops_per_s']
   built = ours.build_train(spec, total_steps=steps + warmup + 1,
                            custom_conv_grad=custom_conv_grad)
   state, batch, rng, frozen = built.state, built.batch, built.rng, built.frozen
@@ -88,6 +88,7 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
   return dict(
       name=name, kind=spec['kind'], size=spec.get('size'), side='dalle2_jax',
       batch=b, params=built.num_params, config=built.model_config,
+      dtype=built.config[spec['ours']['stage']].get('dtype', 'float32'),
       custom_conv_grad=built.custom_conv_grad,
       compile_s=compile_s, first_step_s=first_step_s,
       step_time_s=med, step_time_min_s=timing['min_s'], step_time_mean_s=timing['mean_s'],
@@ -98,7 +99,8 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
       achieved_flops_per_s=flops_per_step / med, matmul_peak_flops_per_s=peak,
       mfu=flops_per_step / med / peak,
       final_loss=float(metrics['loss']),
-      xla_memory=mem, rss_before_model_mb=rss0, peak_rss_mb=common.rss_peak_mb())
+      xla_memory=mem, rss_before_model_mb=rss0, peak_rss_mb=common.rss_peak_mb(),
+      device_peak_mb=common.device_memory_peak_mb())
 
 
 def run_in_subprocess(name: str, steps: int, warmup: int, custom_conv_grad=None,
@@ -132,7 +134,8 @@ def main():
   ap.add_argument('--only', default='', help='comma-separated config names (bench/matched.py)')
   ap.add_argument('--steps', type=int, default=20)
   ap.add_argument('--warmup', type=int, default=3)
-  ap.add_argument('--out', default='train_step_cpu.json', help='file name in bench/results/')
+  ap.add_argument('--out', default='', help='file name in bench/results/ '
+                  '(default train_step_<backend>.json)')
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   ap.add_argument('--custom_conv_grad', type=int, default=None, help=argparse.SUPPRESS)
   ap.add_argument('--peak', type=float, default=None, help=argparse.SUPPRESS)
@@ -142,28 +145,39 @@ def main():
     print(json.dumps(run_one(a.child, a.steps, a.warmup, ccg, a.peak)), flush=True)
     return
 
-  names = [n for n in a.only.split(',') if n] or matched.TRAIN_STEP_CONFIGS
+  import jax  # pylint: disable=g-import-not-at-top
+  backend = jax.default_backend()
+  names = [n for n in a.only.split(',') if n] or (
+      matched.TRAIN_STEP_CONFIGS if backend == 'cpu' else matched.GPU_TRAIN_STEP_CONFIGS)
   unknown = [n for n in names if n not in matched.CONFIGS]
   if unknown:
     sys.exit(f'unknown config(s) {unknown}; known: {sorted(matched.CONFIGS)}')
   load_before = common.load_snapshot()
-  peak = common.matmul_peak_jax()
+  device_peak = common.device_peak()
+  peak = device_peak['flops_per_s']
+
+  def write():
+    return common.write_json(a.out or f'train_step_{backend}.json', dict(
+        benchmark='train_step', command='python bench/train_step.py ' + ' '.join(sys.argv[1:]),
+        env=common.jax_environment(), matmul_peak_flops_per_s=peak,
+        matmul_peak=device_peak,
+        load_before=load_before, load_after=common.load_snapshot(), results=results))
+
   results = []
   for n in names:
     r = run_in_subprocess(n, a.steps, a.warmup, peak=peak)
     results.append(r)
+    write()   # after every config: a run cut short keeps what it measured
     if 'error' in r:
       print(f'{n}: FAILED\n{r["error"]}', file=sys.stderr)
       continue
     print(f'{n:14s} batch {r["batch"]:3d}  params {r["params"] / 1e6:7.2f}M  '
           f'step {common.fmt_s(r["step_time_s"]):>9s}  {r["examples_per_s"]:7.1f} ex/s  '
           f'{r["achieved_flops_per_s"] / 1e9:6.1f} GFLOP/s  MFU {100 * r["mfu"]:5.1f}%  '
-          f'compile {r["compile_s"]:5.1f} s  peak RSS {r["peak_rss_mb"]:6.0f} MB', flush=True)
-  path = common.write_json(a.out, dict(
-      benchmark='train_step', command='python bench/train_step.py ' + ' '.join(sys.argv[1:]),
-      env=common.jax_environment(), matmul_peak_f32_flops_per_s=peak,
-      load_before=load_before, load_after=common.load_snapshot(), results=results))
-  print('wrote', path)
+          f'compile {r["compile_s"]:5.1f} s  peak RSS {r["peak_rss_mb"]:6.0f} MB'
+          + (f'  device peak {r["device_peak_mb"]:6.0f} MB' if r.get('device_peak_mb') else ''),
+          flush=True)
+  print('wrote', write())
 
 
 if __name__ == '__main__':
