@@ -92,6 +92,10 @@ def get_config(arg=None):
   # words (never a held-out pair): the image tower's shape and position features stop
   # depending on colour, which the held-out (colour, shape) pairs need.
   c.clip.recolour_prob = 0.5
+  # NegCLIP: each image is also contrasted with its caption's attributes re-bound (two
+  # objects' colours or shapes swapped, the relation reversed; one attribute changed), which
+  # random in-batch negatives almost never test (tasks/hard_negatives.py).
+  c.clip.hard_negatives = True
   c.clip.model = dict(
       embed_dim=64,
       text=dict(width=64, depth=2, heads=2, vocab_size=49408, activation='quick_gelu'),

@@ -1,4 +1,5 @@
-"""Stage `clip`: global-batch contrastive loss (1 vs 8 devices), learning, FLOPs."""
+"""Stage `clip`: global-batch contrastive loss (1 vs 8 devices), hard negatives, learning,
+FLOPs."""
 
 import time
 
@@ -58,6 +59,34 @@ def test_contrastive_loss_matches_numpy():
   # Perfectly aligned pairs: both retrieval directions are right.
   _, m = clip_task.contrastive_loss(jnp.eye(4), jnp.eye(4), jnp.float32(1.0))
   assert m['i2t_top1'] == 1 and m['t2i_top1'] == 1
+
+
+def test_hard_negatives_in_the_loss_match_numpy():
+  """NegCLIP: each image's row gets the B hard negatives as extra columns (image -> text
+  only); negatives an example lacks are left out; hard_negative_top1 compares each image's
+  caption with its own negative."""
+  rng = np.random.default_rng(1)
+  img, txt, neg = (rng.normal(size=(6, 4)) for _ in range(3))
+  has = np.array([True, True, False, True, True, False])
+  loss, m = clip_task.contrastive_loss(*(jnp.asarray(x, jnp.float32) for x in (img, txt)),
+                                       jnp.float32(10.0), jnp.asarray(neg, jnp.float32),
+                                       jnp.asarray(has))
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  logits = 10.0 * unit(img) @ unit(txt).T
+  neg_logits = 10.0 * unit(img) @ unit(neg).T
+
+  def ce(lg):
+    m_ = lg.max(1, keepdims=True)
+    return -np.mean(np.diag(lg) - (m_[:, 0] + np.log(np.exp(lg - m_).sum(1))))
+  i2t = np.concatenate([logits, neg_logits[:, has]], axis=1)
+  np.testing.assert_allclose(loss, 0.5 * (ce(i2t) + ce(logits.T)), rtol=1e-5)
+  wins = np.diag(logits) > np.diag(neg_logits)
+  np.testing.assert_allclose(m['hard_negative_top1'], wins[has].mean(), rtol=1e-6)
+  # No negative at all: the plain CLIP loss.
+  plain, _ = clip_task.contrastive_loss(jnp.asarray(img, jnp.float32),
+                                        jnp.asarray(txt, jnp.float32), jnp.float32(10.0),
+                                        jnp.asarray(neg, jnp.float32), jnp.zeros(6, bool))
+  np.testing.assert_allclose(plain, reference_loss(img, txt, 10.0), rtol=1e-5)
 
 
 def test_same_loss_on_1_and_8_devices():
@@ -176,7 +205,23 @@ def test_recolour_augmentation_in_prepare_batch():
       batch['caption'][i] for i in np.flatnonzero(~changed)]
   # the input batch is not modified in place
   assert batch['caption'] == [e['caption'] for e in examples]
+  # Recoloured captions name no colour, and their `names` say so.
+  assert not out['names'][changed, 1].any()
+  np.testing.assert_array_equal(out['names'][~changed], batch['names'][~changed])
+  # Hard negatives (config.clip.hard_negatives): a caption per example, tokenised, false of
+  # the (recoloured) image's attributes, never naming a colour the caption does not.
+  assert config.clip.hard_negatives
+  has = out['has_negative']
+  assert out['negative_tokens'].shape == out['tokens'].shape and has.sum() >= 56
+  for i in range(len(examples)):   # no negative applies: e.g. "a circle above a circle"
+    assert np.array_equal(out['negative_tokens'][i], out['tokens'][i]) == (not has[i])
+  for i in np.flatnonzero(changed):
+    assert not np.isin(out['negative_tokens'][i], tok(list(cs.COLOUR_NAMES))[:, 1]).any()
+  np.testing.assert_array_equal(out['negative_tokens'], again['negative_tokens'])
   config.unlock()
   config.data.name = 'image_folder'
   with pytest.raises(ValueError, match='recolour_prob'):
+    clip_task.ClipTask(config, 'clip', '/tmp/unused')
+  config.clip.recolour_prob = 0.0
+  with pytest.raises(ValueError, match='hard_negatives'):
     clip_task.ClipTask(config, 'clip', '/tmp/unused')

@@ -70,6 +70,27 @@ def test_command_line_on_an_untrained_clip(tmp_path):
   results = json.loads((tmp_path / 'clip' / 'zero_shot.json').read_text())
   assert set(results) == {'test', 'heldout'}
   for split in results.values():
-    assert set(split) == set(zero_shot.ATTRIBUTES) | {'all', 'num_images'}
+    assert set(split) == set(zero_shot.ATTRIBUTES) | {'all', 'num_images', 'binding'}
     assert 0 < split['num_images'] <= 12
-  assert 'position' in r.stdout
+    assert set(split['binding']) == set(zero_shot.BINDING_KINDS) | {'num_images'}
+    assert split['num_images'] + split['binding']['num_images'] == 12
+  assert 'position' in r.stdout and 'relation_flip' in r.stdout
+
+
+def test_binding_pairs_differ_only_in_binding():
+  """Each binding negative is the true caption (same template) with the two objects'
+  colours or shapes swapped, or the relation reversed: the same words in another order."""
+  data = zero_shot.binding_pairs('test', 80)
+  n = len(data['caption'])
+  assert n >= 8 and data['image'].shape == (n, 64, 64, 3)
+  for i, true in enumerate(data['caption']):
+    for kind in zero_shot.BINDING_KINDS:
+      neg = data[kind][i]
+      if neg is None:   # relation_flip only when both objects are named alike
+        assert kind != 'relation_flip' or (data['colour_swap'][i] is None
+                                           and data['shape_swap'][i] is None)
+        continue
+      assert neg != true
+      if kind != 'relation_flip':
+        assert sorted(neg.split()) == sorted(true.split()), (true, neg)
+  assert sum(c is None for c in data['colour_swap']) < n / 2

@@ -233,3 +233,34 @@ def test_recolour_keeps_layout_and_never_shows_a_held_out_pair():
       seen_colours.add(tuple(u8[d['box'][0]:d['box'][2] + 1,
                                 d['box'][1]:d['box'][3] + 1].reshape(-1, 3).max(0)))
   assert len(seen_colours) > 150   # off-palette, not six colours
+
+
+def test_hard_negatives_are_false_of_the_image_and_name_no_held_out_pair():
+  """NegCLIP negatives: the scoring rule finds the true caption right and the negative wrong
+  on the image; two-object negatives keep the caption's words (only the binding changes)."""
+  rng = np.random.default_rng(0)
+  kinds = {}
+  for i in range(400):
+    ex = cs.make_example('train', i)
+    neg = cs.hard_negative(ex['objects'], ex['num_objects'], ex['names'], ex['relation'], rng)
+    if neg is None:   # a bare shape whose other shapes would all be held-out pairs
+      continue
+    kinds[neg['kind']] = kinds.get(neg['kind'], 0) + 1
+    found = scoring.detect(ex['image'])
+    assert scoring.check(found, ex['objects'], ex['num_objects'], ex['relation'],
+                         ex['names'])['overall']
+    assert not scoring.check(found, neg['objects'], neg['num_objects'], neg['relation'],
+                             neg['names'])['overall'], (ex['caption'], neg['caption'])
+    assert cs.caption_of(neg) == neg['caption'] != ex['caption']
+    n = int(ex['num_objects'])
+    for o in neg['objects'][:n]:
+      assert not cs.is_held_out(o[cs.COLOUR], o[cs.SHAPE]) or not ex['names'][1]
+    if neg['kind'] in ('colour_swap', 'shape_swap'):
+      same_template = cs.caption_of(dict(ex, template=neg['template']))
+      assert sorted(neg['caption'].split()) == sorted(same_template.split())
+  assert set(kinds) == set(cs.NEGATIVE_KINDS), kinds
+  assert sum(kinds.values()) >= 390
+  # A kind that does not apply gives None: one object has no relation to flip.
+  ex = cs.make_example('train', 0, style='full')
+  assert cs.hard_negative(ex['objects'], 1, ex['names'], -1, rng,
+                          kinds=('relation_flip',)) is None

@@ -264,6 +264,74 @@ def recolour(image: np.ndarray, objects: np.ndarray, num_objects: int, names: np
   return (out / 127.5 - 1.0).astype(np.asarray(image).dtype), caption
 
 
+OPPOSITE_RELATION = (1, 0, 3, 2)   # index into RELATIONS of each relation's converse
+NEGATIVE_KINDS = ('colour_swap', 'shape_swap', 'relation_flip', 'colour', 'shape', 'size',
+                  'position')
+
+
+def _names_pair(objects, i) -> bool:
+  return not is_held_out(int(objects[i, COLOUR]), int(objects[i, SHAPE]))
+
+
+def hard_negative(objects: np.ndarray, num_objects: int, names: np.ndarray, relation: int,
+                  rng: np.random.Generator, kinds: Sequence[str] = NEGATIVE_KINDS,
+                  template: int | None = None) -> dict | None:
+  """A caption that is false of the image but close to its true one (NegCLIP's hard
+  negatives); None when no kind in `kinds` applies. Returns a dict: caption, kind, and the
+  attributes it names (objects, num_objects, relation, names; as `sample_layout`).
+
+  Two objects: their colours swapped ('colour_swap'), their shapes swapped ('shape_swap') or
+  the relation replaced by its converse ('relation_flip'; not when the caption names the two
+  alike), so only the binding of attributes to objects is wrong. One object: one named attribute ('colour', 'shape', 'size',
+  'position') replaced by another value. A negative never names a held-out (colour, shape)
+  pair, so those pairs stay unseen in training text too. The caption template is `template`
+  or, if None, drawn from `rng` as for a true caption.
+  """
+  objects = np.array(objects, np.int32)
+  names = np.array(names, bool)
+  n, relation = int(num_objects), int(relation)
+  options = []
+  if n == 2:
+    for kind, col in (('colour_swap', COLOUR), ('shape_swap', SHAPE)):
+      if kind in kinds and objects[0, col] != objects[1, col] and (col != COLOUR or names[1]):
+        o = objects.copy()
+        o[[0, 1], col] = o[[1, 0], col]
+        if _names_pair(o, 0) and _names_pair(o, 1):
+          options.append((kind, o, relation))
+    # Reversing the relation between two objects the caption cannot tell apart ("a green
+    # triangle to the left of a green triangle") leaves it true.
+    if ('relation_flip' in kinds and relation >= 0
+        and _noun_phrase(objects[0], names) != _noun_phrase(objects[1], names)):
+      options.append(('relation_flip', objects, OPPOSITE_RELATION[relation]))
+  else:
+    sizes = dict(colour=len(COLOUR_NAMES), shape=len(SHAPES), size=len(SIZES), position=9)
+    for kind, num in sizes.items():
+      field = NAME_FIELDS.index(kind)
+      if kind not in kinds or not names[field]:
+        continue
+      for value in rng.permutation(num):
+        o = objects.copy()
+        if kind == 'position':
+          if value == objects[0, ROW] * 3 + objects[0, COL]:
+            continue
+          o[0, ROW], o[0, COL] = value // 3, value % 3
+        else:
+          col = {'colour': COLOUR, 'shape': SHAPE, 'size': SIZE}[kind]
+          if value == objects[0, col]:
+            continue
+          o[0, col] = value
+        if kind not in ('colour', 'shape') or _names_pair(o, 0):
+          options.append((kind, o, relation))
+          break
+  if not options:
+    return None
+  kind, o, rel = options[int(rng.integers(len(options)))]
+  if template is None:
+    template = int(rng.integers(1 << 16))
+  layout = dict(objects=o, names=names, num_objects=n, relation=rel, template=template)
+  return dict(layout, caption=caption_of(layout), kind=kind)
+
+
 def eval_prompts(kind: str = 'test', num: int = 64, seed: int = 0,
                  styles: Sequence[str] = ('full', 'partial', 'two')) -> dict:
   """Prompts with their attributes for compositional-accuracy evaluation.

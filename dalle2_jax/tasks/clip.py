@@ -17,7 +17,10 @@ model.vision.{width, depth, heads, patch_size, activation, ...}, dtype, remat, a
 recolour_prob (captioned_shapes only: the fraction of examples whose objects get random
 off-palette colours and whose caption loses its colour words; see
 `tasks/recolour.py`. It makes the image tower's shape and position features independent of
-colour, which is what zero-shot accuracy on the held-out pairs needs).
+colour, which is what zero-shot accuracy on the held-out pairs needs), and hard_negatives
+(captioned_shapes only: NegCLIP's hard negative captions, see `tasks/hard_negatives.py`;
+the metric hard_negative_top1 is how often an image scores its caption above its hard
+negative).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import optax
 
 from dalle2_jax.models import clip as clip_lib
 from dalle2_jax.tasks import base
+from dalle2_jax.tasks import hard_negatives as hard_negatives_lib
 from dalle2_jax.tasks import recolour as recolour_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -42,17 +46,36 @@ def _dtype(name: str):
   return DTYPES[name]
 
 
-def contrastive_loss(image_embed: jax.Array, text_embed: jax.Array, scale: jax.Array
+def contrastive_loss(image_embed: jax.Array, text_embed: jax.Array, scale: jax.Array,
+                     negative_embed: jax.Array | None = None,
+                     has_negative: jax.Array | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Symmetric CLIP loss over all pairs of the (global) batch; embeddings unnormalised."""
+  """Symmetric CLIP loss over all pairs of the (global) batch; embeddings unnormalised.
+
+  negative_embed [B, D]: hard negative captions' text embeddings (NegCLIP), appended as extra
+  texts in the image -> text direction only (each image is contrasted with B true captions
+  and B hard negatives; text -> image is unchanged). has_negative [B] bool leaves out the
+  negatives an example does not have.
+  """
   img = clip_lib.l2_normalize(image_embed)
   txt = clip_lib.l2_normalize(text_embed)
   logits = scale * img @ txt.T                       # [B_images, B_texts], float32
   labels = jnp.arange(logits.shape[0])
-  loss_i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  i2t = logits
+  metrics = {}
+  if negative_embed is not None:
+    neg = scale * img @ clip_lib.l2_normalize(negative_embed).T        # [B_images, B_neg]
+    if has_negative is not None:
+      neg = jnp.where(has_negative[None, :], neg, jnp.finfo(neg.dtype).min)
+    i2t = jnp.concatenate([logits, neg], axis=1)
+    own = jnp.diagonal(neg) < jnp.diagonal(logits)
+    weight = (jnp.ones_like(own, jnp.float32) if has_negative is None
+              else has_negative.astype(jnp.float32))
+    metrics['hard_negative_top1'] = jnp.sum(own * weight) / jnp.maximum(weight.sum(), 1.0)
+  loss_i2t = optax.softmax_cross_entropy_with_integer_labels(i2t, labels).mean()
   loss_t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
   loss = 0.5 * (loss_i2t + loss_t2i)
-  metrics = dict(
+  metrics.update(
       loss=loss,
       logit_scale=scale,
       i2t_top1=jnp.mean(jnp.argmax(logits, axis=1) == labels),
@@ -74,6 +97,7 @@ class ClipTask(base.Task):
         self.model_config, dtype=_dtype(sc.get('dtype', 'float32')),
         remat=bool(sc.get('remat', False)))
     self.recolour = recolour_lib.Recolour(config, stage)
+    self.hard_negatives = hard_negatives_lib.HardNegatives(config, stage)
 
   def model(self):
     return self._model
@@ -83,7 +107,7 @@ class ClipTask(base.Task):
     return self._model.init(rng, tokens, pixels)['params']
 
   def prepare_batch(self, batch: dict) -> dict:
-    return self.recolour(batch)
+    return self.hard_negatives(self.recolour(batch))
 
   def _inputs(self, batch: Mapping[str, jax.Array]):
     for key in ('image', 'tokens'):
@@ -99,8 +123,15 @@ class ClipTask(base.Task):
 
   def loss(self, params, batch, rng, frozen=None, train=True):
     del rng, frozen, train   # no dropout; nothing frozen
-    image_embed, text_embed, scale = self.embed(params, batch)
-    return contrastive_loss(image_embed, text_embed, scale)
+    if 'negative_tokens' not in batch:
+      return contrastive_loss(*self.embed(params, batch))
+    # One text-tower pass over the true and the hard negative captions together.
+    tokens, pixels = self._inputs(batch)
+    both = jnp.concatenate([tokens, jnp.asarray(batch['negative_tokens'], jnp.int32)], 0)
+    image_embed, text_embed, scale = self._model.apply({'params': params}, both, pixels)
+    b = tokens.shape[0]
+    return contrastive_loss(image_embed, text_embed[:b], scale, text_embed[b:],
+                            batch.get('has_negative'))
 
   def flops_per_example(self) -> float:
     return clip_lib.flops_per_example(

@@ -45,7 +45,9 @@ class Recolour:
       images[i], captions[i] = captioned_shapes.recolour(
           images[i], batch['objects'][i], batch['num_objects'][i], batch['names'][i],
           batch['relation'][i], rng)
-    batch['image'], batch['caption'] = images, captions
+    names = np.array(batch['names'], bool)
+    names[pick, 1] = False          # the new captions name no colour
+    batch['image'], batch['caption'], batch['names'] = images, captions, names
     batch['tokens'] = np.array(batch['tokens'])
     batch['tokens'][pick] = self._tokenizer([captions[i] for i in pick])
     return batch
