@@ -82,8 +82,10 @@ def get_config(arg=None):
 
   # CLIP: zero-shot colour/shape/size/position accuracy >= 95% on `test`, >= 90% on
   # `heldout` (python -m dalle2_jax.evaluation.zero_shot --workdir W). Measured (4000 steps,
-  # 33 min on 2 cores): test 100/100/100/100%, heldout 100/99.9/100/99.7%. 3000 steps gave
-  # heldout position 88.8%; without the colour augmentation and the pixel stem, heldout
+  # 22-33 min on 2 cores): test 100/100/100/100%, heldout 99.6/97.4/100/99.6% (without hard
+  # negatives 100/99.9/100/99.7%); binding (true caption beats colours swapped / shapes
+  # swapped / relation reversed) test 72/93/82%, heldout 61/84/71% (chance 50%). 3000 steps
+  # gave heldout position 88.8%; without the colour augmentation and the pixel stem, heldout
   # shape was 42% (2000 steps).
   c.clip = stage('clip', steps=4000, batch_size=128, lr=1e-3, ema_decay=0.995)
   c.clip.image_size = 64
@@ -106,8 +108,8 @@ def get_config(arg=None):
 
   # Prior: on `test` captions, sampled image embeddings have a mean cosine with the true ones
   # >= 0.1 above the text embedding's (python -m dalle2_jax.tasks.prior --workdir W).
-  # Measured with this config's CLIP (2 candidates, 64 DDIM steps): test 0.925 vs 0.811,
-  # heldout 0.902 vs 0.799 (mean-image baseline 0.46 / 0.55).
+  # Measured with this config's CLIP (2 candidates, 64 DDIM steps): test 0.921 vs 0.793,
+  # heldout 0.898 vs 0.773 (mean-image baseline 0.48 / 0.56).
   c.prior = stage('prior', steps=1000, batch_size=64, lr=1e-3, ema_decay=0.995)
   c.prior.image_size = 64        # = clip.image_size: images only go through the frozen CLIP
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
@@ -123,9 +125,10 @@ def get_config(arg=None):
   # Decoder: 32 px ADM UNet conditioned on the CLIP image embedding (+ caption tokens). CLIP
   # embeds the 64 px image (tasks/decoder.py: input_image_size), the target is it at 32 px.
   # Batch 16 runs 2.5x the steps/s of batch 32 on 2 cores (1.8 vs 0.72), so more examples
-  # and updates fit in the same time: 67 min. Measured (python -m dalle2_jax.evaluate):
-  # seen 62.5%, held-out 28.6%, two-object 5.5%; the earlier decoder (3000 steps at batch
-  # 32, embedding its own 32 px images) 54.2 / 14.1 / 5.5%.
+  # and updates fit in the same time: 40-67 min. Measured (python -m dalle2_jax.evaluate):
+  # seen 59.9%, held-out 33.3%, two-object 4.7% (62.5 / 28.6 / 5.5% with a CLIP trained
+  # without hard negatives); the earlier decoder (3000 steps at batch 32, embedding its own
+  # 32 px images) 54.2 / 14.1 / 5.5%.
   c.decoder = stage('decoder', steps=7000, batch_size=16, lr=3e-4, ema_decay=0.999,
                     ema_warmup_steps=200)
   # A quarter of the examples get off-palette colours and colour-free captions (as CLIP's
