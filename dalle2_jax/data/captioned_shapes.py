@@ -282,9 +282,10 @@ def hard_negative(objects: np.ndarray, num_objects: int, names: np.ndarray, rela
 
   Two objects: their colours swapped ('colour_swap'), their shapes swapped ('shape_swap') or
   the relation replaced by its converse ('relation_flip'; not when the caption names the two
-  alike), so only the binding of attributes to objects is wrong. One object: one named attribute ('colour', 'shape', 'size',
-  'position') replaced by another value. A negative never names a held-out (colour, shape)
-  pair, so those pairs stay unseen in training text too. The caption template is `template`
+  alike), so only the binding of attributes to objects is wrong. One object: one named
+  attribute ('colour', 'shape', 'size', 'position') replaced by another value. A negative
+  never names a held-out (colour, shape) pair, so those pairs stay unseen in training text
+  too. The caption template is `template`
   or, if None, drawn from `rng` as for a true caption.
   """
   objects = np.array(objects, np.int32)
@@ -304,8 +305,9 @@ def hard_negative(objects: np.ndarray, num_objects: int, names: np.ndarray, rela
         and _noun_phrase(objects[0], names) != _noun_phrase(objects[1], names)):
       options.append(('relation_flip', objects, OPPOSITE_RELATION[relation]))
   else:
-    sizes = dict(colour=len(COLOUR_NAMES), shape=len(SHAPES), size=len(SIZES), position=9)
-    for kind, num in sizes.items():
+    num_values = dict(colour=len(COLOUR_NAMES), shape=len(SHAPES), size=len(SIZES),
+                      position=9)
+    for kind, num in num_values.items():
       field = NAME_FIELDS.index(kind)
       if kind not in kinds or not names[field]:
         continue

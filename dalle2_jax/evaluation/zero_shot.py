@@ -234,7 +234,8 @@ def binding_pairs(split: str, num: int, seed: int = 0) -> dict:
       neg = cs.hard_negative(e['objects'], 2, names, e['relation'], rng, kinds=(kind,),
                              template=i)
       out[kind].append(None if neg is None else neg['caption'])
-  out['image'] = np.stack(out['image']) if out['image'] else np.zeros((0, cs.IMAGE_SIZE, cs.IMAGE_SIZE, 3), np.uint8)
+  out['image'] = (np.stack(out['image']) if out['image'] else
+                  np.zeros((0, cs.IMAGE_SIZE, cs.IMAGE_SIZE, 3), np.uint8))
   return out
 
 
