@@ -203,15 +203,14 @@ _GPU_TRAIN = (
 CONFIGS.update({c['name']: _gpu(c) for c in _GPU_TRAIN})
 GPU_TRAIN_STEP_CONFIGS = [c['name'] for c in _GPU_TRAIN]
 
-_GPU_CLIP = dict(embed_dim=512, text_width=512)
+# The sampling pipeline's stages are the training configs' decoder and upsampler (and their
+# CLIP); the prior is prior_gpu_m's width and depth.
+_GPU_DEC, _GPU_UPS = CONFIGS['decoder_gpu_m']['ours'], CONFIGS['upsampler_gpu_m']['ours']
+_GPU_CLIP = _GPU_DEC['clip']
 _GPU_PRIOR = dict(width=1024, depth=16, heads=16)
-_GPU_DECODER = dict(image_size=64, model=dict(
-    channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-    attention_resolutions=(32, 16, 8), head_channels=64, num_clip_tokens=4,
-    text_encoder='clip', dropout=0.0, custom_conv_grad=False))
-_GPU_UP = dict(low_res=64, high_res=256, model=dict(
-    channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(),
-    head_channels=64, dropout=0.0, custom_conv_grad=False))
+_GPU_DECODER = dict(image_size=_GPU_DEC['image_size'], model=_GPU_DEC['model'])
+_GPU_UP = dict(low_res=_GPU_UPS['low_res'], high_res=_GPU_UPS['high_res'],
+               model=_GPU_UPS['model'])
 
 
 def _gpu_pipeline(name, steps, batch):

@@ -242,11 +242,8 @@ def binding_pairs(split: str, num: int, seed: int = 0) -> dict:
 def evaluate_binding(frozen: clip_lib.FrozenClip, tokenizer, splits: Sequence[str],
                      num: int | dict = 256, seed: int = 0) -> dict[str, dict[str, float]]:
   """Per split and kind, how often the true caption outscores its binding negative."""
-  fn = jax.jit(lambda p, t: clip_lib.encode_text(frozen.config, p, t)[0])
-
-  def embed(captions):
-    emb = _batched(lambda t: fn(frozen.params, t), tokenizer(captions), 256)
-    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+  def embed(captions):   # unit norm, one template each
+    return _text_embeddings(frozen, tokenizer, captions, num_templates=1)
 
   results = {}
   for split in splits:

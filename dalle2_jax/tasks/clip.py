@@ -123,14 +123,14 @@ class ClipTask(base.Task):
 
   def loss(self, params, batch, rng, frozen=None, train=True):
     del rng, frozen, train   # no dropout; nothing frozen
-    if 'negative_tokens' not in batch:
-      return contrastive_loss(*self.embed(params, batch))
-    # One text-tower pass over the true and the hard negative captions together.
     tokens, pixels = self._inputs(batch)
-    both = jnp.concatenate([tokens, jnp.asarray(batch['negative_tokens'], jnp.int32)], 0)
-    image_embed, text_embed, scale = self._model.apply({'params': params}, both, pixels)
     b = tokens.shape[0]
-    return contrastive_loss(image_embed, text_embed[:b], scale, text_embed[b:],
+    negative = batch.get('negative_tokens')
+    if negative is not None:   # one text-tower pass over true and hard negative captions
+      tokens = jnp.concatenate([tokens, jnp.asarray(negative, jnp.int32)], 0)
+    image_embed, text_embed, scale = self._model.apply({'params': params}, tokens, pixels)
+    return contrastive_loss(image_embed, text_embed[:b], scale,
+                            None if negative is None else text_embed[b:],
                             batch.get('has_negative'))
 
   def flops_per_example(self) -> float:
