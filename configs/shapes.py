@@ -78,6 +78,7 @@ def get_config(arg=None):
         keep=2,
         sample_every=0,          # 0 = no sample grids during training
         max_nonfinite=5,         # consecutive non-finite steps before the run stops
+        two_object_repeats=1,    # each two-object scene this many times an epoch (1: a quarter)
     )
 
   # CLIP: zero-shot colour/shape/size/position accuracy >= 95% on `test`, >= 90% on

@@ -112,6 +112,31 @@ def test_prepare_hook_and_unshuffled_eval(data_dir):
   assert ex['image'].dtype == np.uint8 and ex['objects'].shape == (8, 2, 5)
 
 
+def test_two_object_repeats_oversamples_two_object_scenes(data_dir):
+  config = _shapes_config(data_dir)
+  mesh = _mesh(1, (1, 1))
+  stored = pipeline.load_examples(config, 'train', 40, image_size=32)
+  two = stored['num_objects'] == 2
+  assert 0 < two.sum() < 40
+  it = pipeline.make_input(config, 'train', global_batch_size=8, mesh=mesh, image_size=32,
+                           num_epochs=1, two_object_repeats=3)
+  seen = {}
+  for b in it:
+    for img, n in zip(np.asarray(b['image']), np.asarray(b['num_objects'])):
+      key = img.tobytes()
+      seen.setdefault(key, [n, 0])[1] += 1
+  # One epoch: every single-object record once, every two-object record three times
+  # (drop_remainder may cut the last few).
+  total = int((~two).sum() + 3 * two.sum())
+  assert total - 8 < sum(c for _, c in seen.values()) <= total
+  assert len(seen) >= 40 - 8
+  counts = np.array([c for n, c in seen.values() if n == 2])
+  assert (counts <= 3).all() and (counts == 3).sum() >= two.sum() - 3
+  assert all(c == 1 for n, c in seen.values() if n == 1)
+  with pytest.raises(ValueError, match='two_object_repeats'):
+    pipeline.make_input(config, 'train', global_batch_size=8, mesh=mesh, two_object_repeats=0)
+
+
 # --- a coco_captions-like TFDS dataset --------------------------------------------------
 
 

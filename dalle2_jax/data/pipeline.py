@@ -313,6 +313,37 @@ class DecodedSource:
     return out
 
 
+class RepeatedSource:
+  """A data source with some records repeated: record `table[i]` of `source` at index i."""
+
+  def __init__(self, source, table: np.ndarray):
+    self.source = source
+    self.table = np.asarray(table, np.int64)
+
+  def __len__(self):
+    return len(self.table)
+
+  def __repr__(self):
+    return f'RepeatedSource({self.source!r}, {len(self.table)} of {len(self.source)})'
+
+  def __getitem__(self, index):
+    return self.source[int(self.table[index])]
+
+
+def two_object_table(source, repeats: int, chunk: int = 4096) -> np.ndarray:
+  """Record indices of a captioned_shapes source with each two-object record `repeats`
+  times (oversamples the scenes with two objects, whose binding is hardest to learn)."""
+  n = len(source)
+  counts = []
+  for start in range(0, n, chunk):
+    indices = list(range(start, min(start + chunk, n)))
+    records = (source.__getitems__(indices) if hasattr(source, '__getitems__')
+               else [source[i] for i in indices])
+    counts.extend(int(r['num_objects']) for r in records)
+  reps = np.where(np.asarray(counts) == 2, int(repeats), 1)
+  return np.repeat(np.arange(n), reps)
+
+
 class _PickCaption(grain.RandomMapTransform):
   """One caption per record (a random one of a list, seeded per record and epoch)."""
 
@@ -440,7 +471,7 @@ def _mesh_batch_shards(mesh) -> int:
 def make_input(config, split: str, *, global_batch_size: int, mesh, image_size=None,
                prepare: Callable[[dict], dict] | None = None, seed: int | None = None,
                shuffle: bool = True, num_epochs: int | None = None,
-               extra_keys=None) -> InputIterator:
+               extra_keys=None, two_object_repeats: int = 1) -> InputIterator:
   """An iterator of global batches for `split` of config.data.
 
   Args:
@@ -456,6 +487,8 @@ def make_input(config, split: str, *, global_batch_size: int, mesh, image_size=N
     num_epochs: None = repeat forever.
     extra_keys: extra numeric features to carry into the batch; None = the structured
       attributes for captioned_shapes, () otherwise.
+    two_object_repeats: captioned_shapes only: each two-object record appears this many
+      times per epoch (1 = the stored mix, a quarter two-object; 3 = half).
 
   Returns:
     An `InputIterator`: next(it) -> {'image': f32 [B, H, W, 3], 'tokens': i32 [B, L], ...}.
@@ -470,6 +503,13 @@ def make_input(config, split: str, *, global_batch_size: int, mesh, image_size=N
         f'the {shards} devices of the mesh axes {BATCH_AXES}; change the stage batch_size.')
   per_process = global_batch_size // n_proc
   src, builder = open_source(config, split)
+  two_object_repeats = int(two_object_repeats)
+  if two_object_repeats != 1:
+    if two_object_repeats < 1 or config.data.name != 'captioned_shapes':
+      raise ValueError(f'two_object_repeats={two_object_repeats}: needs an integer >= 1 and '
+                       f'captioned_shapes data (config.data.name={config.data.name!r}); '
+                       'set the stage\'s two_object_repeats to 1.')
+    src = RepeatedSource(src, two_object_table(src, two_object_repeats))
   if extra_keys is None:
     extra_keys = SHAPES_ATTRIBUTES if config.data.name == 'captioned_shapes' else ()
   tok = tokenizer_lib.Tokenizer.from_config(config)
@@ -488,7 +528,9 @@ def make_input(config, split: str, *, global_batch_size: int, mesh, image_size=N
                             worker_count=worker_count, shard_options=shard_options,
                             read_options=read_options(config))
   description = (f'{builder.info.name}/{builder.builder_config.name if builder.builder_config else ""}'
-                 f':{split} seed={seed} batch={global_batch_size} size={image_size}')
+                 f':{split} seed={seed} batch={global_batch_size} size={image_size}'
+                 + (f' two_object_repeats={two_object_repeats}' if two_object_repeats != 1
+                    else ''))
   return InputIterator(loader, decoded, mesh, global_batch_size, prepare, description)
 
 

@@ -82,7 +82,7 @@ def default_input_fn(config, stage, task, mesh, seed):
   return pipeline.make_input(config, config.data.train_split,
                              global_batch_size=int(sc.batch_size), mesh=mesh,
                              image_size=task.input_image_size(), prepare=task.prepare_batch,
-                             seed=seed)
+                             seed=seed, two_object_repeats=int(sc.get('two_object_repeats', 1)))
 
 
 def absolute_workdir(workdir) -> str:
