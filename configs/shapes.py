@@ -127,9 +127,10 @@ def get_config(arg=None):
   # embeds the 64 px image (tasks/decoder.py: input_image_size), the target is it at 32 px.
   # Batch 16 runs 2.5x the steps/s of batch 32 on 2 cores (1.8 vs 0.72), so more examples
   # and updates fit in the same time: 40-67 min. Measured (python -m dalle2_jax.evaluate):
-  # seen 59.9%, held-out 33.3%, two-object 4.7% (62.5 / 28.6 / 5.5% with a CLIP trained
-  # without hard negatives); the earlier decoder (3000 steps at batch 32, embedding its own
-  # 32 px images) 54.2 / 14.1 / 5.5%.
+  # seen 63.5%, held-out 36.5%, two-object 7.0% (59.9 / 33.3 / 4.7% without
+  # two_object_repeats; 62.5 / 28.6 / 5.5% with a CLIP trained without hard negatives too);
+  # the earlier decoder (3000 steps at batch 32, embedding its own 32 px images)
+  # 54.2 / 14.1 / 5.5%.
   c.decoder = stage('decoder', steps=7000, batch_size=16, lr=3e-4, ema_decay=0.999,
                     ema_warmup_steps=200)
   # A quarter of the examples get off-palette colours and colour-free captions (as CLIP's
