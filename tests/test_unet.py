@@ -91,6 +91,33 @@ def test_decoder_conditioning_and_drops():
   assert diff(a, c)[0] > 1e-3 and diff(a, c)[1] < 1e-5
 
 
+def test_decoder_clip_embed_map():
+  """clip_embed_map: the embedding also enters as a feature map at the lowest resolution
+  (4 x 4 x 8 here), on its own reaching the output, and dropped with the embedding."""
+  dec = unet.Decoder(unet=_unet(), num_clip_tokens=0, clip_embed_map=True)
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  x, t = jax.random.normal(ks[0], (2, 8, 8, 3)), jnp.array([10, 700])
+  z = jax.random.normal(ks[1], (2, 16))
+  params = nn.unbox(dec.init(jax.random.PRNGKey(1), x, t, z)['params'])
+  assert params['clip_embed_map_proj']['kernel'].shape == (16, 4 * 4 * 8)
+  params = _perturb(params)
+  # Without the global path (timestep-embedding projection zeroed) and with no context
+  # tokens, only the map carries the embedding.
+  params['clip_embed_proj'] = jax.tree.map(jnp.zeros_like, params['clip_embed_proj'])
+  f = lambda zz, **kw: dec.apply({'params': params}, x, t, zz, **kw)  # noqa: E731
+  z2 = z + jax.random.normal(ks[2], z.shape)
+  assert np.abs(f(z) - f(z2)).max(axis=(1, 2, 3)).min() > 1e-3
+  keep = jnp.array([True, False])
+  d = np.abs(f(z, image_embed_keep=keep) - f(z2, image_embed_keep=keep)).max(axis=(1, 2, 3))
+  assert d[0] > 1e-3 and d[1] < 1e-6
+  without = {k: v for k, v in params.items() if k != 'clip_embed_map_proj'}
+  plain = unet.Decoder(unet=_unet(), num_clip_tokens=0)
+  np.testing.assert_allclose(plain.apply({'params': without}, x, t, z),
+                             plain.apply({'params': without}, x, t, z2), atol=1e-6)
+  with pytest.raises(ValueError, match='extra_map'):
+    _unet().apply({'params': params['unet']}, x, t, extra_map=jnp.zeros((2, 8, 8, 16)))
+
+
 def test_decoder_own_text_encoder():
   dec = unet.Decoder(unet=_unet(), num_clip_tokens=2, text_encoder='own',
                      text=dict(width=16, depth=1, heads=2, vocab_size=50, context_length=6))

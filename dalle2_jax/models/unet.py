@@ -23,6 +23,8 @@ Two thin wrappers add each stage's conditioning:
                guidance drops are given per example by `image_embed_keep` / `text_keep`:
                a dropped CLIP embedding is replaced by a learned null embedding, a dropped
                caption is masked out of every attention layer.
+               Optionally (c) projected into a feature map at the lowest resolution and
+               added there (`clip_embed_map`; not in the paper, see `Decoder`).
   `Upsampler`  the low-resolution image, upsampled to the output size, concatenated to the
                noisy input (3 + 3 channels), plus an optional embedding of the noise
                level used to augment it. No attention, no text: it is size agnostic, so it
@@ -180,11 +182,20 @@ class UNet(nn.Module):
     """Width of the timestep embedding (conditioning added to it must have this width)."""
     return 4 * self.channels
 
+  def lowest_map_shape(self, size: int) -> tuple[int, int, int]:
+    """(side, side, channels) of the features entering the lowest resolution's encoder
+    blocks for inputs of `size` pixels, where `extra_map` is added (the downsampling block
+    before them keeps the previous level's channels)."""
+    side = size >> (len(self.channel_mult) - 1)
+    return side, side, self.channels * self.channel_mult[max(len(self.channel_mult) - 2, 0)]
+
   @nn.compact
   def __call__(self, x: Array, t: Array, extra_emb: Array | None = None,
                context: Array | None = None, context_mask: Array | None = None,
-               train: bool = False) -> Array:
-    """x: [B, H, W, C_in]; t: [B]; extra_emb: [B, emb_dim]; context: [B, M, D]."""
+               extra_map: Array | None = None, train: bool = False) -> Array:
+    """x: [B, H, W, C_in]; t: [B]; extra_emb: [B, emb_dim]; context: [B, M, D];
+    extra_map: [B, *lowest_map_shape(H)], added to the features entering the lowest
+    resolution's encoder blocks."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     res_block = nn.remat(ResBlock) if self.remat else ResBlock
     attn_block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
@@ -210,6 +221,11 @@ class UNet(nn.Module):
     skips = [h]
     # Encoder.
     for level, mult in enumerate(self.channel_mult):
+      if level == len(self.channel_mult) - 1 and extra_map is not None:
+        if extra_map.shape[1:] != h.shape[1:]:
+          raise ValueError(f'UNet extra_map shape {extra_map.shape[1:]} != the lowest '
+                           f'feature map {h.shape[1:]}.')
+        h = h + extra_map.astype(h.dtype)
       for i in range(self.num_res_blocks):
         h = res(self.channels * mult, name=f'down_{level}_res_{i}')(h, emb)
         if uses_attention(level):
@@ -282,12 +298,18 @@ class Decoder(nn.Module):
   Attributes:
     unet: the UNet (its `out_channels` 6 for a learned variance).
     num_clip_tokens: extra context tokens projected from the CLIP image embedding (paper 4).
+    clip_embed_map: also project the CLIP image embedding into a feature map at the UNet's
+      lowest resolution, added to the features there (not in the paper). The paper's two
+      paths are global (a scale and shift for every pixel alike) or read through attention;
+      this one gives each location weights of its own, so where objects go is a direct
+      function of the embedding (on captioned_shapes: two-object scenes' layout).
     text_encoder: 'clip' (caption token encodings from the frozen CLIP text tower, passed
       as `text_encodings`) or 'own' (a `TextEncoder` trained with the decoder, fed `tokens`).
     text: TextEncoder fields (width, depth, heads, vocab_size, context_length), 'own' only.
   """
   unet: UNet
   num_clip_tokens: int = 4
+  clip_embed_map: bool = False
   text_encoder: str = 'clip'
   text: dict | None = None
   dtype: Dtype = jnp.float32
@@ -323,6 +345,11 @@ class Decoder(nn.Module):
       z = jnp.where(image_embed_keep[:, None], z, null_embed[None].astype(self.dtype))
     extra_emb = dense(self.unet.emb_dim, (None, 'mlp'), self.dtype, self.param_dtype,
                       'clip_embed_proj')(z)
+    extra_map = None
+    if self.clip_embed_map:
+      shape = self.unet.lowest_map_shape(x.shape[1])
+      extra_map = dense(math.prod(shape), (None, 'embed'), self.dtype, self.param_dtype,
+                        'clip_embed_map_proj')(z).reshape(b, *shape)
     context = context_mask = None
     if self.num_clip_tokens or text_encodings is not None:
       width = text_encodings.shape[-1] if text_encodings is not None else embed_dim
@@ -340,7 +367,7 @@ class Decoder(nn.Module):
         context = jnp.concatenate([context, text_encodings], axis=1)
         context_mask = jnp.concatenate([context_mask, text_mask], axis=1)
     return self.unet(x, t, extra_emb=extra_emb, context=context, context_mask=context_mask,
-                     train=train)
+                     extra_map=extra_map, train=train)
 
 
 class Upsampler(nn.Module):

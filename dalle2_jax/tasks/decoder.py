@@ -8,7 +8,8 @@ what the prior samples) and, with `model.text_encoder='clip'`, the caption's tok
 from the CLIP text tower. With `text_encoder='own'` the decoder trains a text transformer of
 its own on the tokens (GLIDE; `model.text` sets its width/depth/heads). The UNet
 (`models.unet.Decoder`) sees the embedding added to its timestep embedding and as
-`model.num_clip_tokens` extra context tokens joined to the caption's encodings.
+`model.num_clip_tokens` extra context tokens joined to the caption's encodings, and with
+`model.clip_embed_map` also as a feature map at its lowest resolution.
 
 Classifier-free guidance: per example, the CLIP embedding is replaced by a learned null
 embedding with probability `model.image_embed_drop_prob` (paper 10%) and the caption is
@@ -91,7 +92,9 @@ def build_decoder(config, stage: str = 'decoder') -> unet_lib.Decoder:
   net = unet_lib.unet_from_config(m, out_channels=6 if learned else 3,
                                   remat=bool(sc.get('remat', False)), dtype=dtype)
   return unet_lib.Decoder(
-      unet=net, num_clip_tokens=int(m.get('num_clip_tokens', 4)), text_encoder=text_encoder,
+      unet=net, num_clip_tokens=int(m.get('num_clip_tokens', 4)),
+      clip_embed_map=bool(m.get('clip_embed_map', False)),
+      text_encoder=text_encoder,
       text=text_config(config, stage) if text_encoder == 'own' else None, dtype=dtype)
 
 
@@ -271,6 +274,9 @@ class DecoderTask(base.Task):
     emb = 4 * int(m.channels)
     proj = (flops_lib.dense_flops(1, self.embed_dim, emb)
             + flops_lib.dense_flops(1, self.embed_dim, k * width))
+    if m.get('clip_embed_map', False):
+      shape = self._model.unet.lowest_map_shape(self.image_size)
+      proj += flops_lib.dense_flops(1, self.embed_dim, math.prod(shape))
     return float(unet + text + proj)
 
   # --- sampling ---------------------------------------------------------------------------
