@@ -127,8 +127,9 @@ def get_config(arg=None):
   # embeds the 64 px image (tasks/decoder.py: input_image_size), the target is it at 32 px.
   # Batch 16 runs 2.5x the steps/s of batch 32 on 2 cores (1.8 vs 0.72), so more examples
   # and updates fit in the same time: 40-67 min. Measured (python -m dalle2_jax.evaluate):
-  # seen 63.5%, held-out 36.5%, two-object 7.0% (59.9 / 33.3 / 4.7% without
-  # two_object_repeats; 62.5 / 28.6 / 5.5% with a CLIP trained without hard negatives too);
+  # seen 64.6%, held-out 41.1%, two-object 10.2% (63.5 / 36.5 / 7.0% without clip_embed_map;
+  # 59.9 / 33.3 / 4.7% also without two_object_repeats; 62.5 / 28.6 / 5.5% with a CLIP
+  # trained without hard negatives too);
   # the earlier decoder (3000 steps at batch 32, embedding its own 32 px images)
   # 54.2 / 14.1 / 5.5%.
   c.decoder = stage('decoder', steps=7000, batch_size=16, lr=3e-4, ema_decay=0.999,
@@ -145,8 +146,11 @@ def get_config(arg=None):
   c.decoder.image_size = 32
   c.decoder.model = dict(
       channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(16, 8),
-      head_channels=32, dropout=0.0, num_clip_tokens=4, text_encoder='clip',
-      image_embed_drop_prob=0.1, text_drop_prob=0.5,
+      head_channels=32, dropout=0.0, num_clip_tokens=4,
+      # The embedding also as an 8 x 8 feature map (not in the paper): where two objects go
+      # is in it, but far from linearly (README); 1-5 points better, about one std. error.
+      clip_embed_map=True,
+      text_encoder='clip', image_embed_drop_prob=0.1, text_drop_prob=0.5,
       custom_conv_grad=False)   # True: hand-written CPU conv gradient (bench/conv_grad.py)
   # The paper's decoder predicts eps with a learned variance (configs/dalle2_paper.py). At
   # this training length eps is not accurate enough near t = T, where
