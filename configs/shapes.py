@@ -148,7 +148,7 @@ def get_config(arg=None):
       channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(16, 8),
       head_channels=32, dropout=0.0, num_clip_tokens=4,
       # The embedding also as an 8 x 8 feature map (not in the paper): where two objects go
-      # is in it, but far from linearly (README); 1-5 points better, about one std. error.
+      # is in it, but far from linearly (README); 0-5 points better, about one std. error.
       clip_embed_map=True,
       text_encoder='clip', image_embed_drop_prob=0.1, text_drop_prob=0.5,
       custom_conv_grad=False)   # True: hand-written CPU conv gradient (bench/conv_grad.py)
