@@ -22,12 +22,13 @@ import numpy as np
 import optax
 
 from dalle2_jax.data import captioned_shapes as cs
+from dalle2_jax.evaluation import zero_shot
 from dalle2_jax.models import clip as clip_lib
 
 NUM_CLASSES = 1 + len(cs.PALETTE) * len(cs.SHAPES)   # empty, or colour x shape
 
 
-def scenes(clip, split: str, num: int, seed: int, batch: int = 500):
+def scenes(clip, split: str, num: int, seed: int):
   """(embeddings [N, D], labels int [N, 9]) for `num` two-object scenes of `split`."""
   rng = np.random.default_rng(seed)
   images, labels = [], np.zeros((num, 9), np.int32)
@@ -37,10 +38,7 @@ def scenes(clip, split: str, num: int, seed: int, batch: int = 500):
     for obj in layout['objects']:
       cell = obj[cs.ROW] * 3 + obj[cs.COL]
       labels[i, cell] = 1 + obj[cs.COLOUR] * len(cs.SHAPES) + obj[cs.SHAPE]
-  images = np.stack(images).astype(np.float32) / 127.5 - 1.0
-  embed = jax.jit(lambda x: clip_lib.l2_normalize(clip.encode_image(x)))
-  return np.concatenate([np.asarray(embed(images[i:i + batch]))
-                         for i in range(0, num, batch)]), labels
+  return zero_shot.image_embeddings(clip, np.stack(images)), labels
 
 
 class Probe(nn.Module):

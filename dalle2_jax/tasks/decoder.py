@@ -274,7 +274,7 @@ class DecoderTask(base.Task):
     emb = 4 * int(m.channels)
     proj = (flops_lib.dense_flops(1, self.embed_dim, emb)
             + flops_lib.dense_flops(1, self.embed_dim, k * width))
-    if m.get('clip_embed_map', False):
+    if self._model.clip_embed_map:
       shape = self._model.unet.lowest_map_shape(self.image_size)
       proj += flops_lib.dense_flops(1, self.embed_dim, math.prod(shape))
     return float(unet + text + proj)
