@@ -217,7 +217,7 @@ class MultiHeadAttention(nn.Module):
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    out = jnp.einsum('bhqk,bkhd->bhqd', probs, v).transpose(0, 2, 1, 3)
     return HeadsOut(features=self.out_features or width, use_bias=self.use_bias,
                     kernel_std=self.kernel_std, dtype=self.dtype,
                     param_dtype=self.param_dtype, name='out')(out)
