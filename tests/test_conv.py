@@ -47,3 +47,34 @@ def test_conv_module_grads_and_axes():
 def test_bad_channels_error():
   with pytest.raises(ValueError, match='channels'):
     conv.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 4)))
+
+
+@pytest.mark.parametrize('custom_grad', [False, True])
+def test_upsample_conv_is_conv_of_upsampled_input(custom_grad):
+  """The sub-pixel upsample conv is conv2d(nearest 2x upsample) in values and gradients,
+  also at the borders (odd sizes, non-square)."""
+  from dalle2_jax.models import unet  # pylint: disable=g-import-not-at-top
+  kx, kw, kp = jax.random.split(jax.random.PRNGKey(1), 3)
+  x = jax.random.normal(kx, (2, 5, 7, 6))
+  w = jax.random.normal(kw, (3, 3, 6, 4)) * 0.3
+  ref = lambda x, w: conv.conv2d(unet.upsample_nearest(x), w, custom_grad=custom_grad)
+  sub = lambda x, w: conv.upsample_conv2d(x, w, custom_grad=custom_grad)
+  y = sub(x, w)
+  assert y.shape == (2, 10, 14, 4)
+  np.testing.assert_allclose(y, ref(x, w), rtol=1e-5, atol=1e-5)
+  probe = jax.random.normal(kp, y.shape)
+  g_sub = jax.grad(lambda x, w: _loss(sub, x, w, probe), (0, 1))(x, w)
+  g_ref = jax.grad(lambda x, w: _loss(ref, x, w, probe), (0, 1))(x, w)
+  for a, b in zip(g_sub, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  params = conv.Conv(4, upsample=True).init(jax.random.PRNGKey(0), x)['params']
+  assert params['kernel'].value.shape == (3, 3, 6, 4)   # the plain conv's parameters
+  with pytest.raises(ValueError, match='3x3 kernel'):
+    conv.upsample_conv2d(x, jnp.ones((1, 1, 6, 4)))
+
+
+def test_downsample_avg_is_mean_pool():
+  from dalle2_jax.models import unet  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 4, 3))
+  np.testing.assert_allclose(unet.downsample_avg(x),
+                             x.reshape(2, 3, 2, 2, 2, 3).mean(axis=(2, 4)), rtol=1e-6, atol=1e-6)

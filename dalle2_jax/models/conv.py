@@ -129,6 +129,32 @@ def conv2d(x: Array, w: Array, strides: Sequence[int] = (1, 1), padding: Padding
   return _xla_conv(x, w, strides, pads)
 
 
+# Nearest 2x upsampling followed by a 3x3 'SAME' convolution, per output row parity: an
+# even row 2m reads input rows m-1, m, m (taps 0 | 1+2), an odd row 2m+1 reads m, m, m+1
+# (taps 0+1 | 2). [parity, 2x2 tap, 3x3 tap].
+_UPSAMPLE_TAPS = (((1, 0, 0), (0, 1, 1)),
+                  ((1, 1, 0), (0, 0, 1)))
+
+
+def upsample_conv2d(x: Array, w: Array, custom_grad: bool = True) -> Array:
+  """conv2d(nearest 2x upsampling of x, w) for a 3x3 kernel, 'SAME', stride 1, computed at
+  the input's resolution (sub-pixel): each of the four output parities is a 2x2
+  convolution with taps summed from w, all four as one convolution of 4x the output
+  channels, then interleaved. 16 instead of 36 multiply-adds per input pixel and channel
+  pair, and no upsampled map; the same function up to float rounding."""
+  if w.shape[:2] != (3, 3):
+    raise ValueError(f'upsample_conv2d takes a 3x3 kernel, got {w.shape[:2]}.')
+  b, h, wd, _ = x.shape
+  cout = w.shape[-1]
+  taps = jnp.asarray(_UPSAMPLE_TAPS, w.dtype)
+  k = jnp.einsum('pai,qbj,ijco->abcpqo', taps, taps, w).reshape(2, 2, w.shape[2], 4 * cout)
+  r = conv2d(x, k, padding=((1, 1), (1, 1)), custom_grad=custom_grad)
+  r = r.reshape(b, h + 1, wd + 1, 2, 2, cout)       # [.., row parity, column parity, out]
+  rows = [jnp.stack([r[:, py:py + h, px:px + wd, py, px] for px in (0, 1)], axis=3)
+          for py in (0, 1)]
+  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * wd, cout)
+
+
 class Conv(nn.Module):
   """A 2-D convolution layer (NHWC) whose CPU gradient is the fast hand-written one.
 
@@ -139,6 +165,8 @@ class Conv(nn.Module):
     padding: 'SAME', 'VALID' or ((lo, hi), (lo, hi)).
     use_bias: add a learned bias.
     custom_grad: use the custom gradient when running on CPU (config `custom_conv_grad`).
+    upsample: the input is first upsampled 2x (nearest); computed at the input's
+      resolution by `upsample_conv2d` (3x3, 'SAME', stride 1 only).
     kernel_axes: logical axis names of the HWIO kernel (FSDP shards 'conv_out').
     kernel_init: initializer of the kernel (before partitioning annotations).
   """
@@ -148,6 +176,7 @@ class Conv(nn.Module):
   padding: Padding = 'SAME'
   use_bias: bool = True
   custom_grad: bool = True
+  upsample: bool = False
   kernel_axes: tuple[str | None, ...] = (None, None, 'conv_in', 'conv_out')
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Any = jnp.float32
@@ -159,8 +188,13 @@ class Conv(nn.Module):
     kernel = self.param(
         'kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
         (kh, kw, x.shape[-1], self.features), self.param_dtype)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
-               self.padding, self.custom_grad)
+    if self.upsample:
+      if tuple(self.strides) != (1, 1) or self.padding != 'SAME':
+        raise ValueError('Conv(upsample=True) is 3x3, stride 1, SAME only.')
+      y = upsample_conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.custom_grad)
+    else:
+      y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
+                 self.padding, self.custom_grad)
     if self.use_bias:
       bias = self.param(
           'bias', nn.with_logical_partitioning(nn.initializers.zeros,

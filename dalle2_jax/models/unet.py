@@ -5,7 +5,8 @@
   * residual blocks: GroupNorm -> SiLU -> 3x3 conv, then GroupNorm modulated by a
     scale and shift projected from the timestep embedding, SiLU, dropout, a zero-initialised
     3x3 conv, and a 1x1 conv on the skip path when the channel count changes;
-  * resolution changes inside residual blocks (average pool down, nearest-neighbour up);
+  * resolution changes inside residual blocks (average pool down, nearest-neighbour up;
+    the up block's first conv runs at the low resolution, models/conv.upsample_conv2d);
   * `num_res_blocks` blocks per resolution, channel counts `channels * channel_mult[i]`;
   * self-attention at the feature-map resolutions (in pixels) in `attention_resolutions`,
     `head_channels` channels per head; when a `context` is given (the decoder's caption and
@@ -164,7 +165,9 @@ def downsample_avg(x: Array) -> Array:
   if h % 2 or w % 2:
     raise ValueError(f'UNet: feature map {h}x{w} cannot be halved; the image size must be '
                      f'divisible by 2**(len(channel_mult) - 1).')
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  # Four strided slices, not a mean over [B, H/2, 2, W/2, 2, C]: XLA:CPU runs that
+  # reduction several times slower than the adds.
+  return 0.25 * ((x[:, 0::2, 0::2] + x[:, 1::2, 0::2]) + (x[:, 0::2, 1::2] + x[:, 1::2, 1::2]))
 
 
 def upsample_low_res(low_res: Array, size: Sequence[int]) -> Array:
@@ -191,11 +194,11 @@ class ResBlock(nn.Module):
                              param_dtype=self.param_dtype)
     in_ch = x.shape[-1]
     h = nn.silu(group_norm(in_ch, self.dtype, self.param_dtype, 'in_norm')(x))
-    if self.up:
-      h, x = upsample_nearest(h), upsample_nearest(x)
+    if self.up:   # in_conv upsamples h itself (sub-pixel, models/conv.py)
+      x = upsample_nearest(x)
     elif self.down:
       h, x = downsample_avg(h), downsample_avg(x)
-    h = conv(self.out_channels, name='in_conv')(h)
+    h = conv(self.out_channels, upsample=self.up, name='in_conv')(h)
     scale_shift = dense(2 * self.out_channels, ('mlp', 'conv_out'), self.dtype,
                         self.param_dtype, 'emb_proj')(nn.silu(emb))
     scale, shift = jnp.split(scale_shift[:, None, None, :].astype(self.dtype), 2, axis=-1)
