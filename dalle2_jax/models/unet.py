@@ -59,27 +59,23 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   return 1
 
 
-def _group_stats(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array]:
-  """Mean and 1/std [B, G] of NHWC `x` (float32): a sum over the pixels, each channel on its
-  own (the channel stays the minor, contiguous axis), then over each group's channels."""
-  b, c = x.shape[0], x.shape[-1]
-  pixels = tuple(range(1, x.ndim - 1))
-  n = math.prod(x.shape[1:-1]) * (c // num_groups)
-  per_group = lambda s: jnp.sum(s.reshape(b, num_groups, -1), axis=-1) / n  # pylint: disable=unnecessary-lambda-assignment
-  mean = per_group(jnp.sum(x, axis=pixels))
-  var = per_group(jnp.sum(jnp.square(x), axis=pixels)) - jnp.square(mean)
-  return mean, jax.lax.rsqrt(jnp.maximum(var, 0.0) + epsilon)
+def _group_sum_per_channel(s: Array, num_groups: int, n: int) -> Array:
+  """[B, C] per-channel sums -> each channel's group mean (sum / n), [B, C]."""
+  b, c = s.shape
+  g = jnp.sum(s.reshape(b, num_groups, c // num_groups), axis=-1) / n
+  return jnp.repeat(g, c // num_groups, axis=-1)
 
 
-def _grouped(x: Array, num_groups: int) -> Array:
-  return x.reshape(x.shape[:-1] + (num_groups, x.shape[-1] // num_groups))
+def _channels(s: Array, ndim: int) -> Array:
+  """[B, C] -> [B, 1, ..., 1, C], broadcastable against an NHWC map."""
+  return s.reshape((s.shape[0],) + (1,) * (ndim - 2) + (s.shape[1],))
 
 
-def _per_example(s: Array, ndim: int) -> Array:
-  """[B, G] -> [B, 1, ..., 1, G, 1], broadcastable against a grouped [B, ..., G, C/G] map."""
-  return s.reshape((s.shape[0],) + (1,) * (ndim - 3) + (s.shape[1], 1))
-
-
+# Every full-size array below keeps the channel as its minor axis: per-channel sums over
+# the pixels first, then over each group's channels on the small [B, C] sums. A grouped
+# [B, H, W, G, C/G] view (nn.GroupNorm's) makes C/G (2 with 64 channels) the minor axis,
+# which XLA:CPU does not vectorise: its reductions and the normalisation ran several times
+# slower in the UNet.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _group_norm(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float):
   return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
@@ -87,29 +83,30 @@ def _group_norm(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: f
 
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
   xf = x.astype(jnp.float32)
-  mean, inv = _group_stats(xf, num_groups, epsilon)
-  xg = _grouped(xf, num_groups)
-  x_hat = (xg - _per_example(mean, xg.ndim)) * _per_example(inv, xg.ndim)
-  y = (x_hat * _grouped(scale.astype(jnp.float32), num_groups)
-       + _grouped(bias.astype(jnp.float32), num_groups))
-  return y.reshape(x.shape), (x, scale, bias, mean, inv)
+  pixels = tuple(range(1, x.ndim - 1))
+  n = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+  mean = _group_sum_per_channel(jnp.sum(xf, axis=pixels), num_groups, n)
+  var = _group_sum_per_channel(jnp.sum(jnp.square(xf), axis=pixels), num_groups, n)
+  inv = jax.lax.rsqrt(jnp.maximum(var - jnp.square(mean), 0.0) + epsilon)     # [B, C]
+  a = inv * scale.astype(jnp.float32)
+  shift = bias.astype(jnp.float32) - mean * a
+  y = xf * _channels(a, x.ndim) + _channels(shift, x.ndim)
+  return y, (x, scale, bias, mean, inv)
 
 
 def _group_norm_bwd(num_groups, epsilon, res, dy):
   del epsilon
   x, scale, bias, mean, inv = res
-  xg = _grouped(x.astype(jnp.float32), num_groups)
-  inv = _per_example(inv, xg.ndim)
-  x_hat = (xg - _per_example(mean, xg.ndim)) * inv
-  dy = _grouped(dy.astype(jnp.float32), num_groups)
-  outer = tuple(range(xg.ndim - 2))             # batch and pixels
-  inner = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)   # pixels and the group's channels
-  d_bias = jnp.sum(dy, axis=outer).reshape(bias.shape)
-  d_scale = jnp.sum(dy * x_hat, axis=outer).reshape(scale.shape)
-  dx_hat = dy * _grouped(scale.astype(jnp.float32), num_groups)
-  m1 = jnp.mean(dx_hat, axis=inner, keepdims=True)
-  m2 = jnp.mean(dx_hat * x_hat, axis=inner, keepdims=True)
-  dx = (inv * (dx_hat - m1 - x_hat * m2)).reshape(x.shape)
+  pixels = tuple(range(1, x.ndim - 1))
+  n = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+  x_hat = (x.astype(jnp.float32) - _channels(mean, x.ndim)) * _channels(inv, x.ndim)
+  dy = dy.astype(jnp.float32)
+  d_bias = jnp.sum(dy, axis=(0,) + pixels)
+  d_scale = jnp.sum(dy * x_hat, axis=(0,) + pixels)
+  dx_hat = dy * scale.astype(jnp.float32)
+  m1 = _group_sum_per_channel(jnp.sum(dx_hat, axis=pixels), num_groups, n)
+  m2 = _group_sum_per_channel(jnp.sum(dx_hat * x_hat, axis=pixels), num_groups, n)
+  dx = _channels(inv, x.ndim) * (dx_hat - _channels(m1, x.ndim) - x_hat * _channels(m2, x.ndim))
   return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
@@ -118,11 +115,10 @@ _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 class GroupNorm(nn.Module):
   """GroupNorm over NHWC maps: the function and parameters ('scale', 'bias') of
-  nn.GroupNorm, statistics in float32, in a form XLA:CPU runs faster. nn.GroupNorm reduces
-  [B, H, W, G, C/G] over (H, W, C/G) in one pass, which took a fifth of the sampling
-  pipeline's time (bench/README.md); here the pixels are summed first, each channel on its
-  own, then each group's channels. Its gradient is written out (custom VJP): autodiff of
-  the two-pass form made XLA:CPU transpose the conv gradients around it, slowing training.
+  nn.GroupNorm, statistics in float32, in a form XLA:CPU runs faster (see _group_norm).
+  nn.GroupNorm took a fifth of the CPU sampling pipeline's time. The gradient is written
+  out (custom VJP) in the same form; autodiff of it made XLA:CPU transpose the conv
+  gradients around it, slowing training.
   """
   num_groups: int
   epsilon: float = 1e-5
