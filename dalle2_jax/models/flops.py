@@ -56,8 +56,12 @@ def unet_flops(image_size: int | Sequence[int], channels: int, channel_mult: Seq
   emb = 4 * channels
   total = dense_flops(1, channels, emb) + dense_flops(1, emb, emb)   # timestep MLP
 
-  def res(c_in, c_out, hh, ww):
-    f = conv_flops(hh, ww, 3, c_in, c_out) + conv_flops(hh, ww, 3, c_out, c_out)
+  def res(c_in, c_out, hh, ww, up=False):
+    # An up block's first conv runs at the low resolution (conv.upsample_conv2d): a 2x2
+    # conv of 4x the channels over (hh/2 + 1) x (ww/2 + 1) positions, not 3x3 over hh x ww.
+    first = (conv_flops(hh // 2 + 1, ww // 2 + 1, 2, c_in, 4 * c_out) if up
+             else conv_flops(hh, ww, 3, c_in, c_out))
+    f = first + conv_flops(hh, ww, 3, c_out, c_out)
     f += dense_flops(1, emb, 2 * c_out)
     if c_in != c_out:
       f += conv_flops(hh, ww, 1, c_in, c_out)
@@ -99,7 +103,7 @@ def unet_flops(image_size: int | Sequence[int], channels: int, channel_mult: Seq
       if hh in attn_at:
         total += attn(ch, hh, ww)
     if level:
-      total += res(ch, ch, 2 * hh, 2 * ww)
+      total += res(ch, ch, 2 * hh, 2 * ww, up=True)
   total += conv_flops(h, w, 3, ch, out_channels)
   return float(total)
 

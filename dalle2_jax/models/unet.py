@@ -157,7 +157,7 @@ def upsample_nearest(x: Array) -> Array:
 
 
 def downsample_avg(x: Array) -> Array:
-  b, h, w, c = x.shape
+  _, h, w, _ = x.shape
   if h % 2 or w % 2:
     raise ValueError(f'UNet: feature map {h}x{w} cannot be halved; the image size must be '
                      f'divisible by 2**(len(channel_mult) - 1).')
