@@ -66,6 +66,12 @@ def _group_sum_per_channel(s: Array, num_groups: int, n: int) -> Array:
   return jnp.repeat(g, c // num_groups, axis=-1)
 
 
+def _pixels_and_group_size(x: Array, num_groups: int) -> tuple[tuple[int, ...], int]:
+  """The pixel axes of NHWC `x` and how many values each group's statistics cover."""
+  return (tuple(range(1, x.ndim - 1)),
+          math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups))
+
+
 def _channels(s: Array, ndim: int) -> Array:
   """[B, C] -> [B, 1, ..., 1, C], broadcastable against an NHWC map."""
   return s.reshape((s.shape[0],) + (1,) * (ndim - 2) + (s.shape[1],))
@@ -83,8 +89,7 @@ def _group_norm(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: f
 
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
   xf = x.astype(jnp.float32)
-  pixels = tuple(range(1, x.ndim - 1))
-  n = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+  pixels, n = _pixels_and_group_size(x, num_groups)
   mean = _group_sum_per_channel(jnp.sum(xf, axis=pixels), num_groups, n)
   var = _group_sum_per_channel(jnp.sum(jnp.square(xf), axis=pixels), num_groups, n)
   inv = jax.lax.rsqrt(jnp.maximum(var - jnp.square(mean), 0.0) + epsilon)     # [B, C]
@@ -97,8 +102,7 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
 def _group_norm_bwd(num_groups, epsilon, res, dy):
   del epsilon
   x, scale, bias, mean, inv = res
-  pixels = tuple(range(1, x.ndim - 1))
-  n = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+  pixels, n = _pixels_and_group_size(x, num_groups)
   x_hat = (x.astype(jnp.float32) - _channels(mean, x.ndim)) * _channels(inv, x.ndim)
   dy = dy.astype(jnp.float32)
   d_bias = jnp.sum(dy, axis=(0,) + pixels)
