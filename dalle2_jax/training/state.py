@@ -147,20 +147,28 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule: optax.Sche
 
       grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      decay = jnp.where(state.step < ema_warmup, 0.0, ema_decay)
-      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+      def apply_update(operand):
+        params, opt_state, ema_params = operand
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        decay = jnp.where(state.step < ema_warmup, 0.0, ema_decay)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params,
+                                  params)
+        return params, opt_state, ema_params
 
-      def keep_if_bad(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      # A non-finite step leaves params, optimizer state and EMA as they were. A cond, not a
+      # select of new and old values: the select kept both alive, and XLA copied the whole
+      # train state every step (5% of a prior step on CPU).
+      params, opt_state, ema = jax.lax.cond(
+          finite, apply_update, lambda operand: operand,
+          (state.params, state.opt_state, state.ema_params))
 
       bad = (~finite).astype(jnp.int32)
       new_state = TrainState(
           step=state.step + 1,
-          params=keep_if_bad(params, state.params),
-          opt_state=keep_if_bad(opt_state, state.opt_state),
-          ema_params=keep_if_bad(ema, state.ema_params),
+          params=params,
+          opt_state=opt_state,
+          ema_params=ema,
           nonfinite_run=(state.nonfinite_run + 1) * bad,
           nonfinite_total=state.nonfinite_total + bad)
       metrics = dict(metrics)
