@@ -82,6 +82,7 @@ def get_config(arg=None):
   c.prior.dtype = 'bfloat16'
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
   c.prior.model = dict(width=1024, depth=16, heads=16, cond_drop_prob=0.1,
+                       activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
                        embed_norm='l2')   # 'l2' (x sqrt(dim)) or 'standardize'
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)

@@ -90,6 +90,7 @@ def get_config(arg=None):
   c.prior = stage('prior', steps=600_000, batch_size=4096, lr=1.1e-4, wd=6e-2, b2=0.96)
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip/export of this run
   c.prior.model = dict(width=2048, depth=24, heads=32, mlp_dim=6144, cond_drop_prob=0.1,
+                       activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
                        embed_norm='l2')
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)

@@ -115,6 +115,7 @@ def get_config(arg=None):
   c.prior.image_size = 64        # = clip.image_size: images only go through the frozen CLIP
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
   c.prior.model = dict(width=128, depth=2, heads=4, cond_drop_prob=0.1,
+                       activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
                        embed_norm='standardize',   # 'l2' (x sqrt(dim)) or 'standardize'
                        stats_examples=4096)        # standardize: training examples used
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',

@@ -87,6 +87,7 @@ def get_config(arg=None):
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
   c.prior.image_size = 32        # = clip.image_size: images only go through the frozen CLIP
   c.prior.model = dict(width=32, depth=1, heads=2, cond_drop_prob=0.1,
+                       activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
                        embed_norm='l2',        # 'l2' (x sqrt(dim)) or 'standardize'
                        stats_examples=4096)    # standardize: training examples for mean/std
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',

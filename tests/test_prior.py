@@ -175,6 +175,28 @@ def test_task_loss_metrics_and_stats(clip_workdir, embed_norm):
   assert task.flops_per_example() > 0
 
 
+def test_activation_from_config(clip_workdir):
+  """model.activation reaches the transformer; a config without it (priors trained before the
+  field) gets the exact GELU it was trained with."""
+  batch = _random_batch(4)
+  c = make_config()
+  assert c.prior.model.activation == 'gelu_tanh'
+  tanh_task = prior_task.PriorTask(c, 'prior', clip_workdir)
+  with c.unlocked():
+    del c.prior.model['activation']
+  erf_task = prior_task.PriorTask(c, 'prior', clip_workdir)
+  assert erf_task.model().activation == 'gelu'
+  params = nn.unbox(tanh_task.init(jax.random.PRNGKey(1), batch))
+  frozen = tanh_task.frozen_params()
+  loss = lambda task: task.loss(params, batch, jax.random.PRNGKey(2), frozen)[0]  # noqa: E731
+  a, b = float(loss(tanh_task)), float(loss(erf_task))
+  assert a != b and abs(a - b) < 1e-2 * abs(b)   # same parameters, nearly the same function
+  with c.unlocked():
+    c.prior.model.activation = 'swish'
+  with pytest.raises(ValueError, match='activation'):
+    prior_task.PriorTask(c, 'prior', clip_workdir).init(jax.random.PRNGKey(1), batch)
+
+
 def test_candidates_best_of_n_and_guidance(clip_workdir):
   task = prior_task.PriorTask(make_config(), 'prior', clip_workdir)
   batch = _random_batch(4)

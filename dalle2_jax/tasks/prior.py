@@ -100,6 +100,7 @@ class PriorTask(base.Task):
         embed_dim=self.embed_dim, width=int(m.width), depth=int(m.depth),
         num_heads=int(m.heads), context_length=self.context_length,
         text_width=self.text_width, mlp_dim=m.get('mlp_dim', None),
+        activation=m.get('activation', 'gelu'),   # older priors' configs lack the field
         remat=bool(sc.get('remat', False)), dtype=DTYPES[dtype_name])
     self.stats = None
     if self.embed_norm == 'standardize':
