@@ -22,10 +22,11 @@ mapping and the parameter counts are documented in bench/README.md; in short:
 from __future__ import annotations
 
 CONTEXT_LENGTH = 32   # caption tokens (ours: tokenizer.context_length; theirs: max_text_len)
-# The decoder and upsampler rows use the hand-written CPU convolution gradient; the unet_s_*
-# pair measures both. On the idle 2-core CPU XLA's own gradient was as fast or faster
-# (1.00 s vs 1.09 s per UNet step), which is why configs/shapes.py uses XLA's.
-CUSTOM_CONV_GRAD = True
+# The decoder and upsampler rows use XLA's own convolution gradient, as the configs do; the
+# unet_s_* pair measures both. On the 2-core CPU XLA's was 9% faster per step (decoder_s
+# 0.61 vs 0.67 s, upsampler_s 0.54 vs 0.58 s, interleaved runs), once the up blocks'
+# sub-pixel conv always took the hand-written one (conv.upsample_conv2d).
+CUSTOM_CONV_GRAD = False
 
 
 def _decoder(name, size, batch, image_size, channels, channel_mult, num_res_blocks,

@@ -52,8 +52,8 @@ class PriorTransformer(nn.Module):
     text_width: width of the CLIP text encodings.
     mlp_dim: transformer MLP size (default 4 * width).
     activation: the MLP's activation (layers.ACTIVATIONS). The configs take 'gelu_tanh'
-      (GPT-2's tanh form of GELU): XLA:CPU's erf made a prior step 4-5% slower than it.
-      'gelu' (erf) is the default because priors trained before the config field read it.
+      (GPT-2's tanh form of GELU): XLA:CPU's erf made a prior step 4-5% slower. The default
+      stays 'gelu' (erf), which priors trained before the config field existed used.
     remat: rematerialise the transformer blocks.
   """
   embed_dim: int
