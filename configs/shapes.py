@@ -128,7 +128,8 @@ def get_config(arg=None):
   # embeds the 64 px image (tasks/decoder.py: input_image_size), the target is it at 32 px.
   # Batch 16 runs 2.5x the steps/s of batch 32 on 2 cores (1.8 vs 0.72), so more examples
   # and updates fit in the same time: 40-67 min. Measured (python -m dalle2_jax.evaluate):
-  # seen 64.6%, held-out 41.1%, two-object 10.2% (63.5 / 36.5 / 7.0% without clip_embed_map;
+  # seen 64.6%, held-out 41.1%, two-object 10.2%, and 64.6 / 38.0 / 11.7% retrained with the
+  # code of 2026-12-02 (45 min) (63.5 / 36.5 / 7.0% without clip_embed_map;
   # 59.9 / 33.3 / 4.7% also without two_object_repeats; 62.5 / 28.6 / 5.5% with a CLIP
   # trained without hard negatives too);
   # the earlier decoder (3000 steps at batch 32, embedding its own 32 px images)
