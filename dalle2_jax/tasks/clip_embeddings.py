@@ -14,9 +14,10 @@ the experiment config stored in the CLIP export). Writes <workdir>/clip_embeddin
   meta.json           clip export, split, count, dataset
 
 Row i is record i of the split in stored order (as `pipeline.load_examples`), with its first
-caption. Prior and decoder training can then read these instead of running CLIP every step
-(config field `<stage>.precomputed_embeddings`: the directory above). All files are plain
-.npy (no pickle); `load(directory)` memory-maps them.
+caption. All files are plain .npy (no pickle); `load(directory)` memory-maps them. Training
+does not read them yet: the prior and decoder run the frozen CLIP on every batch (the
+decoder's loss takes a batch key 'clip_image_embed' when one is given, but the input
+pipeline does not supply it from here).
 """
 
 from __future__ import annotations
