@@ -161,7 +161,7 @@ def upsample_conv2d(x: Array, w: Array) -> Array:
 
 
 class Conv(nn.Module):
-  """A 2-D convolution layer (NHWC) whose CPU gradient is the fast hand-written one.
+  """A 2-D convolution layer (NHWC) whose CPU gradient can be the hand-written one.
 
   Attributes:
     features: output channels.

@@ -59,7 +59,7 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   return 1
 
 
-def _group_sum_per_channel(s: Array, num_groups: int, n: int) -> Array:
+def _group_mean_per_channel(s: Array, num_groups: int, n: int) -> Array:
   """[B, C] per-channel sums -> each channel's group mean (sum / n), [B, C]."""
   b, c = s.shape
   g = jnp.sum(s.reshape(b, num_groups, c // num_groups), axis=-1) / n
@@ -90,8 +90,8 @@ def _group_norm(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: f
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
   xf = x.astype(jnp.float32)
   pixels, n = _pixels_and_group_size(x, num_groups)
-  mean = _group_sum_per_channel(jnp.sum(xf, axis=pixels), num_groups, n)
-  var = _group_sum_per_channel(jnp.sum(jnp.square(xf), axis=pixels), num_groups, n)
+  mean = _group_mean_per_channel(jnp.sum(xf, axis=pixels), num_groups, n)
+  var = _group_mean_per_channel(jnp.sum(jnp.square(xf), axis=pixels), num_groups, n)
   inv = jax.lax.rsqrt(jnp.maximum(var - jnp.square(mean), 0.0) + epsilon)     # [B, C]
   a = inv * scale.astype(jnp.float32)
   shift = bias.astype(jnp.float32) - mean * a
@@ -108,8 +108,8 @@ def _group_norm_bwd(num_groups, epsilon, res, dy):
   d_bias = jnp.sum(dy, axis=(0,) + pixels)
   d_scale = jnp.sum(dy * x_hat, axis=(0,) + pixels)
   dx_hat = dy * scale.astype(jnp.float32)
-  m1 = _group_sum_per_channel(jnp.sum(dx_hat, axis=pixels), num_groups, n)
-  m2 = _group_sum_per_channel(jnp.sum(dx_hat * x_hat, axis=pixels), num_groups, n)
+  m1 = _group_mean_per_channel(jnp.sum(dx_hat, axis=pixels), num_groups, n)
+  m2 = _group_mean_per_channel(jnp.sum(dx_hat * x_hat, axis=pixels), num_groups, n)
   dx = _channels(inv, x.ndim) * (dx_hat - _channels(m1, x.ndim) - x_hat * _channels(m2, x.ndim))
   return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
