@@ -51,6 +51,7 @@ def main(argv):
   from dalle2_jax.training import runtime
   # pylint: enable=g-import-not-at-top
   config = _CONFIG.value
+  runtime.set_num_cpu_devices(int(config.get('num_cpu_devices', 0)))
   settings = runtime.distributed_settings(
       config, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value)

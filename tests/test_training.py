@@ -271,3 +271,31 @@ def test_write_images_saves_a_png_grid(tmp_path):
   png = np.asarray(Image.open(tmp_path / 'decoder' / writers.SAMPLES_DIR / 'samples_0000007.png'))
   np.testing.assert_array_equal(png, writers.image_grid(images))
   assert png.shape == (8, 8, 3) and png[0, 4, 0] == 128 and png[4, 0, 0] == 255
+
+
+def test_num_cpu_devices_splits_the_host_before_jax_starts():
+  """train.py's order (the engine imported, then the device count set) gives that many CPU
+  devices, so nothing the engine imports starts JAX's backends; a count forced through
+  XLA_FLAGS (as this test suite does) wins; once JAX has started it is ignored, with a
+  warning, not an error."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ('import jax\n'
+          'from dalle2_jax.training import loop, runtime\n'
+          'runtime.set_num_cpu_devices(3)\n'
+          'print(jax.device_count())\n'
+          'runtime.set_num_cpu_devices(2)\n'
+          'print(jax.device_count())\n')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  run = lambda env: subprocess.run([sys.executable, '-c', code], env=env, text=True,
+                                   capture_output=True, timeout=300, check=True)
+  proc = run(env)
+  assert proc.stdout.split() == ['3', '3']
+  assert 'num_cpu_devices=2 ignored: JAX had already started' in proc.stderr
+  proc = run(dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=5'))
+  assert proc.stdout.split() == ['5', '5']
+  from dalle2_jax.training import runtime  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='config.num_cpu_devices=-1'):
+    runtime.set_num_cpu_devices(-1)

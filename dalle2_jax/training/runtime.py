@@ -1,4 +1,5 @@
-"""Process-level setup done once before training: multi-host runtime, compilation cache.
+"""Process-level setup done once before training: CPU devices, multi-host runtime,
+compilation cache.
 
 Multi-host: `initialize_distributed` calls `jax.distributed.initialize` when configured:
   - explicitly, with a coordinator address, process count and process id (from train.py
@@ -73,3 +74,28 @@ def set_compilation_cache(directory: str | None) -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   logging.info('XLA compilation cache: %s', directory)
+
+
+def set_num_cpu_devices(num: int) -> None:
+  """Splits the host CPU into `num` XLA devices (config.num_cpu_devices; 0 = JAX's one).
+
+  Training that runs on CPU is then data parallel over them, like over accelerators. XLA:CPU
+  spreads a single device's ops over the cores poorly for convolutions and their gradients:
+  on 2 cores the shapes decoder's step took 0.30 s on 2 devices vs 0.37 s on one, the
+  upsampler's 0.21 vs 0.25 s; CLIP and the prior (matmuls) were unchanged. No effect on
+  accelerator backends. Must run before JAX starts its backends; a device count already
+  forced through XLA_FLAGS (--xla_force_host_platform_device_count, as tests do) wins.
+  """
+  if not num:
+    return
+  if num < 0:
+    raise ValueError(f'config.num_cpu_devices={num}; use 0 (JAX default, one) or a count.')
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    logging.info('num_cpu_devices=%d ignored: XLA_FLAGS already forces a CPU device count.',
+                 num)
+    return
+  try:
+    jax.config.update('jax_num_cpu_devices', int(num))
+  except RuntimeError:
+    logging.warning('num_cpu_devices=%d ignored: JAX had already started its backends '
+                    '(set it before any JAX operation runs).', num)
