@@ -2,7 +2,7 @@
 
 `build_train(spec)` turns a bench/matched.py entry into everything a timing loop needs:
 the train state (initialised through `training.state.make_state_spec`), a synthetic batch
-already placed on a 1-device mesh, the frozen params (a random CLIP of the matched widths,
+already placed on the mesh (1 device, or data parallel over `num_devices`), the frozen params (a random CLIP of the matched widths,
 where the stage needs one) and `jax.jit(make_train_step(...), donate_argnums=0)`.
 """
 
@@ -213,7 +213,7 @@ class _InitWithoutRules:
 
 
 def build_train(spec: dict, total_steps: int = 100,
-                custom_conv_grad: bool | None = None) -> Built:
+                custom_conv_grad: bool | None = None, num_devices: int = 1) -> Built:
   config = make_config(spec, custom_conv_grad)
   stage = spec['ours']['stage']
   sc = config[stage]
@@ -229,7 +229,7 @@ def build_train(spec: dict, total_steps: int = 100,
     else:
       task = cls(config, stage, '')
   task = _InitWithoutRules(task)
-  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
+  mesh = sharding_lib.make_mesh(config, jax.devices()[:num_devices])
   rules = sharding_lib.axis_rules(config)
   tx, schedule = optimizer_lib.make_optimizer(sc.optim, total_steps)
   host = task.prepare_batch(synthetic_batch(config, stage, sc.batch_size))

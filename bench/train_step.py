@@ -7,7 +7,8 @@ r"""Training-step benchmark of the prior, decoder and upsampler at two sizes eac
 Each config runs in a fresh subprocess (so the peak RSS is that config's), through the
 project's real engine step (`dalle2_jax.training.state.make_train_step`: loss, grads,
 global-norm clip, AdamW, EMA, finite check) jitted with the state donated on a 1-device
-mesh, compiled ahead of time (`.lower().compile()`, timed apart). It reports:
+mesh (or data parallel over --cpu_devices CPU devices, as configs/shapes.py trains on CPU:
+`num_cpu_devices`), compiled ahead of time (`.lower().compile()`, timed apart). It reports:
 
   step_time_s      median wall time of a step over --steps steps after --warmup steps
   examples_per_s   batch / step_time_s
@@ -36,16 +37,19 @@ from bench import matched  # pylint: disable=g-import-not-at-top,wrong-import-po
 
 
 def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = None,
-            peak: float | None = None) -> dict:
-  """Builds, compiles and times one config's train step in this process."""
+            peak: float | None = None, cpu_devices: int = 1) -> dict:
+  """Builds, compiles and times one config's train step in this process (`cpu_devices` > 1
+  must be set before JAX starts: a fresh process)."""
   import jax  # pylint: disable=g-import-not-at-top
+  if cpu_devices > 1:
+    jax.config.update('jax_num_cpu_devices', cpu_devices)
   from bench import ours  # pylint: disable=g-import-not-at-top
 
   rss0 = common.rss_peak_mb()
   spec = matched.CONFIGS[name]
   peak = peak or common.device_peak()['flops_per_s']
   built = ours.build_train(spec, total_steps=steps + warmup + 1,
-                           custom_conv_grad=custom_conv_grad)
+                           custom_conv_grad=custom_conv_grad, num_devices=cpu_devices)
   state, batch, rng, frozen = built.state, built.batch, built.rng, built.frozen
 
   t0 = time.perf_counter()
@@ -87,7 +91,7 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
   med = timing['median_s']
   return dict(
       name=name, kind=spec['kind'], size=spec.get('size'), side='dalle2_jax',
-      batch=b, params=built.num_params, config=built.model_config,
+      batch=b, devices=cpu_devices, params=built.num_params, config=built.model_config,
       dtype=built.config[spec['ours']['stage']].get('dtype', 'float32'),
       custom_conv_grad=built.custom_conv_grad,
       compile_s=compile_s, first_step_s=first_step_s,
@@ -104,10 +108,10 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
 
 
 def run_in_subprocess(name: str, steps: int, warmup: int, custom_conv_grad=None,
-                      peak: float | None = None, timeout: float = 900) -> dict:
+                      peak: float | None = None, timeout: float = 900,
+                      cpu_devices: int = 1) -> dict:
   cmd = common.pin_prefix() + [sys.executable, os.path.abspath(__file__), '--child', name,
-         '--steps', str(steps),
-         '--warmup', str(warmup)]
+         '--steps', str(steps), '--warmup', str(warmup), '--cpu_devices', str(cpu_devices)]
   if custom_conv_grad is not None:
     cmd += ['--custom_conv_grad', str(int(custom_conv_grad))]
   if peak:
@@ -136,13 +140,17 @@ def main():
   ap.add_argument('--warmup', type=int, default=3)
   ap.add_argument('--out', default='', help='file name in bench/results/ '
                   '(default train_step_<backend>.json)')
+  ap.add_argument('--cpu_devices', type=int, default=1,
+                  help='on CPU, data parallel over this many XLA devices made of the cores '
+                       '(config num_cpu_devices; configs/shapes.py trains with 2)')
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   ap.add_argument('--custom_conv_grad', type=int, default=None, help=argparse.SUPPRESS)
   ap.add_argument('--peak', type=float, default=None, help=argparse.SUPPRESS)
   a = ap.parse_args()
   if a.child:
     ccg = None if a.custom_conv_grad is None else bool(a.custom_conv_grad)
-    print(json.dumps(run_one(a.child, a.steps, a.warmup, ccg, a.peak)), flush=True)
+    print(json.dumps(run_one(a.child, a.steps, a.warmup, ccg, a.peak, a.cpu_devices)),
+          flush=True)
     return
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -165,7 +173,7 @@ def main():
 
   results = []
   for n in names:
-    r = run_in_subprocess(n, a.steps, a.warmup, peak=peak)
+    r = run_in_subprocess(n, a.steps, a.warmup, peak=peak, cpu_devices=a.cpu_devices)
     results.append(r)
     write()   # after every config: a run cut short keeps what it measured
     if 'error' in r:
