@@ -93,7 +93,7 @@ def train_row(ours: dict, peer: dict, peak: float) -> dict:
       ours_compile_s=ours['compile_s'], peer_first_step_s=pt['first_step_s'],
       ours_peak_rss_mb=ours['peak_rss_mb'], peer_peak_rss_mb=peer['peak_rss_mb'],
       ours_step_iqr_s=ours['step_time_iqr_s'], peer_step_iqr_s=pt['step_time_iqr_s'],
-      custom_conv_grad=ours.get('custom_conv_grad'))
+      custom_conv_grad=ours.get('custom_conv_grad'), ours_devices=ours.get('devices', 1))
   return row
 
 

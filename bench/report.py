@@ -39,6 +39,9 @@ def machine_line(r: dict) -> str:
   peak = r['matmul_peak_f32_flops_per_s']
   names = ', '.join([t['name'] for t in r.get('train', [])] +
                     [s['name'] for s in r.get('sampling', [])])
+  devices = sorted({t.get('ours_devices', 1) for t in r.get('train', []) if 'error' not in t})
+  ours_on = (f' Our training steps data parallel over {"/".join(map(str, devices))} CPU '
+             'device(s).' if devices else '')
   return (f'Run `{r.get("command", "")}` ({names}): {env["cpu"]}, {env["cpu_count"]} cores; '
           f'jax {env["jax"]}, flax {env["flax"]}; DALLE2-pytorch {peer.get("dalle2_pytorch")} '
           f'on torch {peer.get("torch")} ({peer.get("threads")} threads). f32 matmul peak: jax '
@@ -47,7 +50,7 @@ def machine_line(r: dict) -> str:
           f'{", ".join(f"{x:.1f}" for x in r["load_before"]["loadavg_1_5_15"])} / '
           f'{", ".join(f"{x:.1f}" for x in r["load_after"]["loadavg_1_5_15"])}. '
           f'Recorded {r.get("written_at", "")} at commit {env.get("git_commit", "")}'
-          f'{"" if r.get("complete", True) else " (stopped before the end)"}.')
+          f'{"" if r.get("complete", True) else " (stopped before the end)"}.{ours_on}')
 
 
 def render(r: dict) -> str:
