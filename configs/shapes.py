@@ -131,14 +131,15 @@ def get_config(arg=None):
   # Decoder: 32 px ADM UNet conditioned on the CLIP image embedding (+ caption tokens). CLIP
   # embeds the 64 px image (tasks/decoder.py: input_image_size), the target is it at 32 px.
   # Batch 16 runs 2.5x the steps/s of batch 32 on 2 cores (1.8 vs 0.72), so more examples
-  # and updates fit in the same time: 40-67 min. Measured (python -m dalle2_jax.evaluate):
-  # seen 64.6%, held-out 41.1%, two-object 10.2%, and 64.6 / 38.0 / 11.7% retrained with the
-  # code of 2026-12-02 (45 min) (63.5 / 36.5 / 7.0% without clip_embed_map;
+  # and updates fit in the same time: 57 min on 2 devices (num_cpu_devices). Measured
+  # (python -m dalle2_jax.evaluate): seen 65.1%, held-out 46.4%, two-object 10.9%; at 7000
+  # steps 64.6 / 38.0 / 11.7% (45 min, one device) and 64.6 / 41.1 / 10.2% the day before
+  # (63.5 / 36.5 / 7.0% without clip_embed_map;
   # 59.9 / 33.3 / 4.7% also without two_object_repeats; 62.5 / 28.6 / 5.5% with a CLIP
   # trained without hard negatives too);
   # the earlier decoder (3000 steps at batch 32, embedding its own 32 px images)
   # 54.2 / 14.1 / 5.5%.
-  c.decoder = stage('decoder', steps=7000, batch_size=16, lr=3e-4, ema_decay=0.999,
+  c.decoder = stage('decoder', steps=10000, batch_size=16, lr=3e-4, ema_decay=0.999,
                     ema_warmup_steps=200)
   # A quarter of the examples get off-palette colours and colour-free captions (as CLIP's
   # recolour_prob): every shape is drawn in many colours, taken from the image embedding.
