@@ -2,8 +2,8 @@
 
 `build_train(spec)` turns a bench/matched.py entry into everything a timing loop needs:
 the train state (initialised through `training.state.make_state_spec`), a synthetic batch
-already placed on the mesh (1 device, or data parallel over `num_devices`), the frozen params (a random CLIP of the matched widths,
-where the stage needs one) and `jax.jit(make_train_step(...), donate_argnums=0)`.
+already placed on the mesh (1 device, or data parallel over `num_devices`), the frozen
+params (a random CLIP of the matched widths, where the stage needs one) and `jax.jit(make_train_step(...), donate_argnums=0)`.
 """
 
 from __future__ import annotations

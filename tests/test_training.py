@@ -1,6 +1,9 @@
 """The training engine on a toy task: SPMD equivalence, optimisation, faults, checkpoints."""
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -278,9 +281,6 @@ def test_num_cpu_devices_splits_the_host_before_jax_starts():
   devices, so nothing the engine imports starts JAX's backends; a count forced through
   XLA_FLAGS (as this test suite does) wins; once JAX has started it is ignored, with a
   warning, not an error."""
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   code = ('import jax\n'
           'from dalle2_jax.training import loop, runtime\n'
           'runtime.set_num_cpu_devices(3)\n'
