@@ -41,8 +41,8 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
   """Builds, compiles and times one config's train step in this process (`cpu_devices` > 1
   must be set before JAX starts: a fresh process)."""
   import jax  # pylint: disable=g-import-not-at-top
-  if cpu_devices > 1:
-    jax.config.update('jax_num_cpu_devices', cpu_devices)
+  from dalle2_jax.training import runtime  # pylint: disable=g-import-not-at-top
+  runtime.set_num_cpu_devices(cpu_devices if cpu_devices > 1 else 0)   # as train.py does
   from bench import ours  # pylint: disable=g-import-not-at-top
 
   rss0 = common.rss_peak_mb()
