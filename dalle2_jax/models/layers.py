@@ -183,19 +183,28 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, context: Array | None = None,
-               context_mask: Array | None = None) -> Array:
-    """x: [B, L, W]; mask: [B, L] or [B, H|1, L, L]; context: [B, Lc, Wc]; -> [B, L, W_out]."""
+               context_mask: Array | None = None, num_queries: int | None = None) -> Array:
+    """x: [B, L, W]; mask: [B, L] or [B, H|1, L, L]; context: [B, Lc, Wc]; -> [B, L, W_out].
+
+    num_queries: only the last n positions query (-> [B, n, W_out]); the keys and values are
+    still every position's, so those rows equal the full call's last n rows.
+    """
     width = x.shape[-1]
     if self.head_dim is None and width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by heads {self.num_heads}.')
     head_dim = self.head_dim or width // self.num_heads
     x = x.astype(self.dtype)
-    q_len = x.shape[1]
-    q = self._proj('query', head_dim)(x)
+    seq_len = x.shape[1]
+    q_len = seq_len if num_queries is None else num_queries
+    if not 0 < q_len <= seq_len:
+      raise ValueError(f'num_queries={num_queries} must be in [1, {seq_len}].')
+    q = self._proj('query', head_dim)(x[:, seq_len - q_len:])
     k = self._proj('key', head_dim)(x)
     v = self._proj('value', head_dim)(x)
-    mask = combine_masks(_as_full_mask(mask, q_len),
-                         causal_mask(q_len) if self.causal else None)
+    def query_rows(m):   # a full mask's rows of the positions that query
+      return m if m is None or m.shape[-2] == 1 else m[..., seq_len - q_len:, :]
+    mask = query_rows(combine_masks(_as_full_mask(mask, seq_len),
+                                    causal_mask(seq_len) if self.causal else None))
     if context is not None:
       context = context.astype(self.dtype)
       ck = self._proj('context_key', head_dim)(context)
@@ -205,11 +214,11 @@ class MultiHeadAttention(nn.Module):
       if mask is not None or context_mask is not None:
         b, lc = context.shape[0], context.shape[1]
         cmask = (jnp.ones((b, 1, 1, lc), jnp.bool_) if context_mask is None
-                 else _as_full_mask(context_mask, q_len))
-        smask = jnp.ones((b, 1, 1, q_len), jnp.bool_) if mask is None else mask
+                 else query_rows(_as_full_mask(context_mask, seq_len)))
+        smask = jnp.ones((b, 1, 1, seq_len), jnp.bool_) if mask is None else mask
         shape = jnp.broadcast_shapes(cmask.shape[:-1], smask.shape[:-1])
         mask = jnp.concatenate([jnp.broadcast_to(cmask, shape + (lc,)),
-                                jnp.broadcast_to(smask, shape + (q_len,))], axis=-1)
+                                jnp.broadcast_to(smask, shape + (seq_len,))], axis=-1)
 
     scale = head_dim ** -0.5
     logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32) * scale,
@@ -257,16 +266,21 @@ class ResidualBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  num_queries: int | None = None   # only the last n positions' outputs (MultiHeadAttention)
+
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, context: Array | None = None,
                context_mask: Array | None = None) -> Array:
     ln = functools.partial(LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype,
                            param_dtype=self.param_dtype)
     h = ln(name='ln_1')(x)
+    if self.num_queries is not None:
+      x = x[:, x.shape[1] - self.num_queries:]
     x = x + MultiHeadAttention(
         num_heads=self.num_heads, causal=self.causal, kernel_std=self.kernel_std,
         dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
-            h, mask=mask, context=context, context_mask=context_mask)
+            h, mask=mask, context=context, context_mask=context_mask,
+            num_queries=self.num_queries)
     h = ln(name='ln_2')(x)
     return x + Mlp(mlp_dim=self.mlp_dim, activation=self.activation,
                    kernel_std=self.kernel_std, dtype=self.dtype,
@@ -295,7 +309,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, context: Array | None = None,
-               context_mask: Array | None = None) -> Array:
+               context_mask: Array | None = None, num_outputs: int | None = None) -> Array:
+    """x [B, L, W] -> [B, L, W], or with `num_outputs` only the last n positions [B, n, W]:
+    the final block then computes queries, attention and MLP for those alone (a caller that
+    reads one token, like the prior, skips most of the last block)."""
     if x.shape[-1] != self.width:
       raise ValueError(f'Transformer width {self.width} != input width {x.shape[-1]}.')
     block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
@@ -303,6 +320,7 @@ class Transformer(nn.Module):
       x = block(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
                 activation=self.activation, causal=self.causal,
                 layer_norm_eps=self.layer_norm_eps, kernel_std=self.kernel_std,
+                num_queries=num_outputs if i == self.depth - 1 else None,
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f'layers_{i}')(
                     x, mask, context, context_mask)
     return x

@@ -7,7 +7,10 @@ Token sequence (unCLIP, Ramesh et al. 2022, Sec. 2.1 and App. C), in this order:
 each projected to `width`, plus a learned position embedding. A causal transformer
 (`layers.Transformer`, pre-LN, causal mask combined with the text padding mask) runs over it;
 the output at the final learned query, after a LayerNorm and a linear head, is the model's
-prediction of the objective (x0 in the paper: the clean, normalised image embedding).
+prediction of the objective (x0 in the paper: the clean, normalised image embedding). Only
+that output is read, so the last block computes queries, attention and MLP for that position
+alone: the same function in 20% fewer FLOPs at depth 4 (40% at depth 2, 10% at depth 8;
+DALLE2-pytorch computes every position).
 
 Classifier-free guidance: where `drop_cond` is True the text encodings are replaced by learned
 null encodings (all positions attended) and the text embedding by a learned null embedding.
@@ -116,7 +119,7 @@ class PriorTransformer(nn.Module):
     h = layers.Transformer(
         width=self.width, depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         activation=self.activation, causal=True, remat=self.remat, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='transformer')(seq, mask=mask)
+        param_dtype=self.param_dtype, name='transformer')(seq, mask=mask, num_outputs=1)
     h = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                          name='ln_final')(h[:, -1])
     out = dense(self.embed_dim, ('embed', 'mlp'), name='head')(h)
@@ -125,14 +128,19 @@ class PriorTransformer(nn.Module):
 
 def flops_per_example(embed_dim: int, width: int, depth: int, context_length: int,
                       text_width: int, mlp_dim: int | None = None) -> float:
-  """Analytic forward FLOPs of one prior call (dense matmuls 2mnk + attention 2*2*L^2*W)."""
+  """Analytic forward FLOPs of one prior call (dense matmuls 2mnk + attention 2*2*Lq*Lk*W).
+  The last block queries from the final position only (PriorTransformer)."""
   mlp_dim = mlp_dim or 4 * width
   seq = context_length + 4
+
+  def block(queries):   # K, V of every position; Q, attention, out and MLP of `queries`
+    return (2 * seq * width * 2 * width + 2 * queries * width * 2 * width
+            + 2 * 2 * queries * seq * width + 2 * 2 * queries * width * mlp_dim)
+
   flops = 2 * context_length * text_width * width        # text encodings projection
   flops += 2 * 2 * embed_dim * width                      # text embed, image embed projections
   flops += 2 * 2 * width * width                          # timestep MLP
-  per_layer = (2 * seq * width * 3 * width + 2 * seq * width * width
-               + 2 * 2 * seq * seq * width + 2 * 2 * seq * width * mlp_dim)
-  flops += depth * per_layer
+  if depth:
+    flops += (depth - 1) * block(seq) + block(1)
   flops += 2 * width * embed_dim                          # head
   return float(flops)
