@@ -176,9 +176,10 @@ def main():
   ap.add_argument('--pin_core', default='',
                   help='run both sides on this one core (taskset; torch 1 thread): a check '
                        'that is less sensitive to other load on the machine')
-  ap.add_argument('--cpu_devices', type=int, default=2,
-                  help='our training steps data parallel over this many CPU devices, as '
-                       'configs/shapes.py trains (num_cpu_devices; 1 = one device)')
+  ap.add_argument('--cpu_devices', type=matched.cpu_devices_arg, default='auto',
+                  help='our training steps data parallel over this many CPU devices '
+                       '(num_cpu_devices); auto = bench/matched.py CPU_DEVICES by kind: 1 '
+                       'for the prior, 2 for the UNets')
   ap.add_argument('--out', default='compare_cpu.json', help='file name in bench/results/')
   a = ap.parse_args()
   if a.pin_core:
@@ -226,7 +227,7 @@ def main():
     spec = matched.CONFIGS[n]
     steps = a.steps or spec['steps']
     ours = train_step.run_in_subprocess(n, steps, spec['warmup'], peak=peak,
-                                        cpu_devices=a.cpu_devices)
+                                        cpu_devices=matched.cpu_devices(n, a.cpu_devices))
     pconf = dict(spec['peer'], train=dict(steps=steps, warmup=spec['warmup']))
     key = json.dumps({k: v for k, v in pconf.items() if k != 'name'}, sort_keys=True)
     if key not in peer_cache:

@@ -27,6 +27,13 @@ CONTEXT_LENGTH = 32   # caption tokens (ours: tokenizer.context_length; theirs: 
 # 0.61 vs 0.67 s, upsampler_s 0.54 vs 0.58 s, interleaved runs), once the up blocks'
 # sub-pixel conv always took the hand-written one (conv.upsample_conv2d).
 CUSTOM_CONV_GRAD = False
+# On CPU our training steps run data parallel over this many XLA devices made of the cores
+# (the config's num_cpu_devices), by kind (`--cpu_devices auto`, the default). XLA:CPU
+# spreads one device's convolutions over the cores poorly, so the UNets step faster on 2;
+# the prior (matmuls) does not gain, and its batch of 32 split in two was slower: prior_s
+# 128 vs 171 ms, prior_m 0.85 vs 1.11 s (Intel Xeon, 2 cores, 2026-12-02; slower on two
+# on the AMD EPYC too).
+CPU_DEVICES = dict(prior=1, decoder=2, upsampler=2, unet=2)
 
 
 def _decoder(name, size, batch, image_size, channels, channel_mult, num_res_blocks,
@@ -228,3 +235,16 @@ SAMPLING.update({s['name']: s for s in (
 )})
 GPU_SAMPLING = ['gpu_fast_64', 'gpu_fast_256']
 CPU_SAMPLING = ['pipeline_fast', 'pipeline_paper']
+
+
+def cpu_devices_arg(value: str) -> str:
+  """argparse type of --cpu_devices: 'auto' or a positive number of CPU devices."""
+  if value != 'auto' and not (value.isdigit() and int(value) >= 1):
+    raise ValueError(value)
+  return value
+
+
+def cpu_devices(name: str, requested: str) -> int:
+  """The CPU devices config `name` trains on: CPU_DEVICES of its kind for 'auto', else
+  `requested`."""
+  return CPU_DEVICES[CONFIGS[name]['kind']] if requested == 'auto' else int(requested)

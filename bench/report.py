@@ -39,9 +39,13 @@ def machine_line(r: dict) -> str:
   peak = r['matmul_peak_f32_flops_per_s']
   names = ', '.join([t['name'] for t in r.get('train', [])] +
                     [s['name'] for s in r.get('sampling', [])])
-  devices = sorted({t.get('ours_devices', 1) for t in r.get('train', []) if 'error' not in t})
-  ours_on = (f' Our training steps data parallel over {"/".join(map(str, devices))} CPU '
-             'device(s).' if devices else '')
+  rows = [t for t in r.get('train', []) if 'error' not in t]
+  by_count = {}
+  for t in rows:
+    by_count.setdefault(t.get('ours_devices', 1), []).append(t['name'])
+  ours_on = (' Our training steps on CPU devices (data parallel): ' + '; '.join(
+      f'{n}: {", ".join(names)}' for n, names in sorted(by_count.items())) + '.'
+             if by_count else '')
   return (f'Run `{r.get("command", "")}` ({names}): {env["cpu"]}, {env["cpu_count"]} cores; '
           f'jax {env["jax"]}, flax {env["flax"]}; DALLE2-pytorch {peer.get("dalle2_pytorch")} '
           f'on torch {peer.get("torch")} ({peer.get("threads")} threads). f32 matmul peak: jax '

@@ -7,8 +7,8 @@ r"""Training-step benchmark of the prior, decoder and upsampler at two sizes eac
 Each config runs in a fresh subprocess (so the peak RSS is that config's), through the
 project's real engine step (`dalle2_jax.training.state.make_train_step`: loss, grads,
 global-norm clip, AdamW, EMA, finite check) jitted with the state donated on a 1-device
-mesh (or data parallel over --cpu_devices CPU devices, as configs/shapes.py trains on CPU:
-`num_cpu_devices`), compiled ahead of time (`.lower().compile()`, timed apart). It reports:
+mesh (on CPU, data parallel over --cpu_devices XLA devices: `num_cpu_devices`; by default
+bench/matched.py CPU_DEVICES, 1 for the prior and 2 for the UNets), compiled ahead of time (`.lower().compile()`, timed apart). It reports:
 
   step_time_s      median wall time of a step over --steps steps after --warmup steps
   examples_per_s   batch / step_time_s
@@ -44,6 +44,8 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
   from dalle2_jax.training import runtime  # pylint: disable=g-import-not-at-top
   runtime.set_num_cpu_devices(cpu_devices if cpu_devices > 1 else 0)   # as train.py does
   from bench import ours  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != 'cpu':
+    cpu_devices = 1   # an accelerator row runs on one chip
 
   rss0 = common.rss_peak_mb()
   spec = matched.CONFIGS[name]
@@ -140,17 +142,18 @@ def main():
   ap.add_argument('--warmup', type=int, default=3)
   ap.add_argument('--out', default='', help='file name in bench/results/ '
                   '(default train_step_<backend>.json)')
-  ap.add_argument('--cpu_devices', type=int, default=1,
+  ap.add_argument('--cpu_devices', type=matched.cpu_devices_arg, default='auto',
                   help='on CPU, data parallel over this many XLA devices made of the cores '
-                       '(config num_cpu_devices; configs/shapes.py trains with 2)')
+                       '(config num_cpu_devices); auto = bench/matched.py CPU_DEVICES by '
+                       'kind: 1 for the prior, 2 for the UNets')
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   ap.add_argument('--custom_conv_grad', type=int, default=None, help=argparse.SUPPRESS)
   ap.add_argument('--peak', type=float, default=None, help=argparse.SUPPRESS)
   a = ap.parse_args()
   if a.child:
     ccg = None if a.custom_conv_grad is None else bool(a.custom_conv_grad)
-    print(json.dumps(run_one(a.child, a.steps, a.warmup, ccg, a.peak, a.cpu_devices)),
-          flush=True)
+    print(json.dumps(run_one(a.child, a.steps, a.warmup, ccg, a.peak,
+                             matched.cpu_devices(a.child, a.cpu_devices))), flush=True)
     return
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -173,7 +176,8 @@ def main():
 
   results = []
   for n in names:
-    r = run_in_subprocess(n, a.steps, a.warmup, peak=peak, cpu_devices=a.cpu_devices)
+    r = run_in_subprocess(n, a.steps, a.warmup, peak=peak,
+                          cpu_devices=matched.cpu_devices(n, a.cpu_devices))
     results.append(r)
     write()   # after every config: a run cut short keeps what it measured
     if 'error' in r:
