@@ -157,7 +157,8 @@ def main(argv):
     settings = settings.replace_stage('prior', guidance_scale=f.prior_guidance_scale,
                                       num_candidates=f.prior_num_candidates)
     settings = settings.replace_stage('decoder', guidance_scale=f.decoder_guidance_scale,
-                                      num_candidates=f.decoder_num_candidates)
+                                      num_candidates=f.decoder_num_candidates,
+                                      sampler=f.decoder_sampler, eta=f.decoder_eta)
     if f.upsampler_steps:
       settings = settings.with_upsampler_steps([f.upsampler_steps])
     unclip.validate(settings)
@@ -196,6 +197,10 @@ def _define_flags():
                      lower_bound=0.0)
   flags.DEFINE_float('decoder_guidance_scale', None, 'Decoder classifier-free guidance '
                      'scale.', lower_bound=0.0)
+  from dalle2_jax import sampling  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_enum('decoder_sampler', None, list(sampling.SAMPLERS), 'Decoder sampler.')
+  flags.DEFINE_float('decoder_eta', None, 'Decoder DDIM eta (0: deterministic, 1: as '
+                     'stochastic as DDPM).', lower_bound=0.0)
   flags.DEFINE_integer('prior_num_candidates', None, 'Prior best of N.', lower_bound=1)
   flags.DEFINE_integer('decoder_num_candidates', None, 'Decoder best of N (CLIP reranking '
                        'against the prompt).', lower_bound=1)

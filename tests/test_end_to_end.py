@@ -73,10 +73,12 @@ def test_train_sample_evaluate(tmp_path):
   report_file = str(tmp_path / 'eval.json')
   proc = _run(['-m', 'dalle2_jax.evaluate', '--workdir', workdir, '--num_prompts', '1',
                '--prior_steps', '2', '--decoder_steps', '2', '--upsampler_steps', '2',
-               '--prior_guidance_scale', '2.5', '--out', report_file])
+               '--prior_guidance_scale', '2.5', '--decoder_sampler', 'ddpm', '--out',
+               report_file])
   report = json.loads(proc.stdout)   # stdout carries only the report
   assert json.load(open(report_file)) == report
   assert report['settings']['prior']['guidance_scale'] == 2.5
+  assert report['settings']['decoder']['sampler'] == 'ddpm'
   assert report['accuracy']['heldout']['all']['n'] == 3
   assert set(report['summary']['meets_targets']) == {
       'seen_overall', 'heldout_overall', 'two_object_overall'}
