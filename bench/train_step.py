@@ -8,7 +8,8 @@ Each config runs in a fresh subprocess (so the peak RSS is that config's), throu
 project's real engine step (`dalle2_jax.training.state.make_train_step`: loss, grads,
 global-norm clip, AdamW, EMA, finite check) jitted with the state donated on a 1-device
 mesh (on CPU, data parallel over --cpu_devices XLA devices: `num_cpu_devices`; by default
-bench/matched.py CPU_DEVICES, 1 for the prior and 2 for the UNets), compiled ahead of time (`.lower().compile()`, timed apart). It reports:
+bench/matched.py CPU_DEVICES, 1 for the prior and 2 for the UNets), compiled ahead of time
+(`.lower().compile()`, timed apart). It reports:
 
   step_time_s      median wall time of a step over --steps steps after --warmup steps
   examples_per_s   batch / step_time_s

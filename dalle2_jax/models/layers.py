@@ -265,7 +265,6 @@ class ResidualBlock(nn.Module):
   kernel_std: float | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-
   num_queries: int | None = None   # only the last n positions' outputs (MultiHeadAttention)
 
   @nn.compact
