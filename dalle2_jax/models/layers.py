@@ -128,7 +128,7 @@ def causal_mask(length: int) -> Array:
   return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
 
 
-def _as_full_mask(mask: Array | None, q_len: int) -> Array | None:
+def _as_full_mask(mask: Array | None) -> Array | None:
   """A [B, Lk] key mask or a full mask -> a mask broadcastable to [B, H, Lq, Lk]."""
   if mask is None:
     return None
@@ -203,7 +203,7 @@ class MultiHeadAttention(nn.Module):
     v = self._proj('value', head_dim)(x)
     def query_rows(m):   # a full mask's rows of the positions that query
       return m if m is None or m.shape[-2] == 1 else m[..., seq_len - q_len:, :]
-    mask = query_rows(combine_masks(_as_full_mask(mask, seq_len),
+    mask = query_rows(combine_masks(_as_full_mask(mask),
                                     causal_mask(seq_len) if self.causal else None))
     if context is not None:
       context = context.astype(self.dtype)
@@ -214,7 +214,7 @@ class MultiHeadAttention(nn.Module):
       if mask is not None or context_mask is not None:
         b, lc = context.shape[0], context.shape[1]
         cmask = (jnp.ones((b, 1, 1, lc), jnp.bool_) if context_mask is None
-                 else query_rows(_as_full_mask(context_mask, seq_len)))
+                 else query_rows(_as_full_mask(context_mask)))
         smask = jnp.ones((b, 1, 1, seq_len), jnp.bool_) if mask is None else mask
         shape = jnp.broadcast_shapes(cmask.shape[:-1], smask.shape[:-1])
         mask = jnp.concatenate([jnp.broadcast_to(cmask, shape + (lc,)),
