@@ -31,11 +31,13 @@ def test_unet_flops_match_xla(attn, ctx):
   assert analytic == pytest.approx(measured, rel=0.15)
 
 
-def test_transformer_flops_match_xla():
+@pytest.mark.parametrize('num_outputs', [None, 1])
+def test_transformer_flops_match_xla(num_outputs):
   b, length, width, depth = 2, 16, 128, 2
   net = layers.Transformer(width=width, depth=depth, num_heads=4)
   x = jnp.zeros((b, length, width))
   params = net.init(jax.random.PRNGKey(0), x)
-  measured = _xla_flops(net.apply, params, x) / b
-  analytic = flops.transformer_flops(length, width, depth)
+  measured = _xla_flops(
+      lambda p, x: net.apply(p, x, num_outputs=num_outputs), params, x) / b
+  analytic = flops.transformer_flops(length, width, depth, num_outputs=num_outputs)
   assert analytic == pytest.approx(measured, rel=0.15)

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dalle2_jax.models import flops as flops_lib
 from dalle2_jax.models import layers
 
 Dtype = Any
@@ -173,13 +174,15 @@ class VisionTransformer(nn.Module):
     cls = self.param('class_embedding',
                      _partitioned(nn.initializers.normal(self.width ** -0.5), ('embed',)),
                      (self.width,), self.param_dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x],
-                        axis=1)
+    # Position 0 is the class token's (OpenAI's and Hugging Face's layout), but the sequence
+    # puts it last: attention without a mask is the same in any order, and the last block
+    # then computes the one output that is read (Transformer num_outputs=1).
     pos = self.param('position_embedding',
                      _partitioned(nn.initializers.normal(self.width ** -0.5),
                                   ('length', 'embed')),
-                     (x.shape[1], self.width), self.param_dtype)
-    x = x + pos.astype(self.dtype)
+                     (x.shape[1] + 1, self.width), self.param_dtype).astype(self.dtype)
+    x = jnp.concatenate([x + pos[1:], jnp.broadcast_to(cls.astype(self.dtype) + pos[0],
+                                                       (b, 1, self.width))], axis=1)
     ln = functools.partial(layers.LayerNorm, self.layer_norm_eps, self.dtype,
                            self.param_dtype)
     x = ln(name='ln_pre')(x)
@@ -187,7 +190,7 @@ class VisionTransformer(nn.Module):
         width=self.width, depth=self.depth, num_heads=self.heads, mlp_dim=self.mlp_dim,
         activation=self.activation, causal=False, layer_norm_eps=self.layer_norm_eps,
         remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='transformer')(x)
+        name='transformer')(x, num_outputs=1)
     pooled = ln(name='ln_post')(x[:, 0])
     return nn.Dense(
         self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -396,14 +399,6 @@ class FrozenClip:
 
 # --- FLOPs ---------------------------------------------------------------------------------
 
-def _transformer_flops(length: int, width: int, depth: int, mlp_dim: int) -> float:
-  per_layer = (2 * length * width * 3 * width      # q, k, v
-               + 2 * length * width * width        # out
-               + 2 * 2 * length * length * width   # q k^T and probs v
-               + 2 * 2 * length * width * mlp_dim)  # fc1, fc2
-  return float(depth * per_layer)
-
-
 def flops_per_example(model_config: ml_collections.ConfigDict, batch_size: int = 1,
                       text_length: int | None = None) -> float:
   """Analytic forward FLOPs (matmuls 2mnk + attention) of both towers for one pair,
@@ -413,12 +408,15 @@ def flops_per_example(model_config: ml_collections.ConfigDict, batch_size: int =
   d = int(m.embed_dim)
   length = int(text_length or t.context_length)
   tw = int(t.width)
-  text = _transformer_flops(length, tw, int(t.depth), int(_get(t, 'mlp_dim', 4 * tw)))
+  text = flops_lib.transformer_flops(length, tw, int(t.depth),
+                                     int(_get(t, 'mlp_dim', 4 * tw)))
   text += 2 * tw * d
   vw, p = int(v.width), int(v.patch_size)
   n = (int(m.image_size) // p) ** 2
   sw = int(_get(v, 'stem_width', 0))
   vision = 2 * n * (p * p * (sw or 3)) * vw + 2 * int(m.image_size) ** 2 * 3 * sw
-  vision += _transformer_flops(n + 1, vw, int(v.depth), int(_get(v, 'mlp_dim', 4 * vw)))
+  vision += flops_lib.transformer_flops(n + 1, vw, int(v.depth),
+                                       int(_get(v, 'mlp_dim', 4 * vw)),
+                                       num_outputs=1)   # the class token's output alone
   vision += 2 * vw * d
   return float(text + vision + 2 * batch_size * d)

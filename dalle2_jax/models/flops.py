@@ -8,7 +8,7 @@ analysis (`jax.jit(f).lower(...).compile().cost_analysis()['flops']`) within a f
 on the tiny test configs (tests/test_flops.py).
 
 `unet_flops` walks the same architecture as `dalle2_jax.models.unet.UNet`; the other
-helpers are shared with the transformers (the prior uses `transformer_flops`).
+helpers are shared with the transformers (CLIP, the prior, the decoder's text encoder).
 """
 
 from __future__ import annotations
@@ -32,16 +32,24 @@ def attention_flops(q_len: int, kv_len: int, width: int) -> float:
 
 
 def transformer_flops(length: int, width: int, depth: int, mlp_dim: int | None = None,
-                      context_len: int = 0, context_width: int | None = None) -> float:
+                      context_len: int = 0, context_width: int | None = None,
+                      num_outputs: int | None = None) -> float:
   """`depth` pre-LN blocks: q/k/v/out projections, attention, a 2-layer MLP; optionally
-  attending to `context_len` extra tokens of width `context_width` (own k/v projections)."""
+  attending to `context_len` extra tokens of width `context_width` (own k/v projections).
+  With `num_outputs` the last block computes only that many positions' queries, attention,
+  out projection and MLP, the keys and values of every position (layers.Transformer)."""
   mlp_dim = mlp_dim or 4 * width
-  per_layer = (dense_flops(length, width, 3 * width) + dense_flops(length, width, width)
-               + attention_flops(length, length + context_len, width)
-               + 2 * dense_flops(length, width, mlp_dim))
-  if context_len:
-    per_layer += 2 * dense_flops(context_len, context_width or width, width)
-  return float(depth * per_layer)
+
+  def block(queries):
+    f = (dense_flops(length, width, 2 * width) + dense_flops(queries, width, 2 * width)
+         + attention_flops(queries, length + context_len, width)
+         + 2 * dense_flops(queries, width, mlp_dim))
+    if context_len:
+      f += 2 * dense_flops(context_len, context_width or width, width)
+    return f
+  if not depth:
+    return 0.0
+  return float((depth - 1) * block(length) + block(num_outputs or length))
 
 
 def unet_flops(image_size: int | Sequence[int], channels: int, channel_mult: Sequence[int],

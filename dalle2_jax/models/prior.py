@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dalle2_jax.models import flops as flops_lib
 from dalle2_jax.models import layers
 
 Dtype = Any
@@ -130,17 +131,10 @@ def flops_per_example(embed_dim: int, width: int, depth: int, context_length: in
                       text_width: int, mlp_dim: int | None = None) -> float:
   """Analytic forward FLOPs of one prior call (dense matmuls 2mnk + attention 2*2*Lq*Lk*W).
   The last block queries from the final position only (PriorTransformer)."""
-  mlp_dim = mlp_dim or 4 * width
-  seq = context_length + 4
-
-  def block(queries):   # K, V of every position; Q, attention, out and MLP of `queries`
-    return (2 * seq * width * 2 * width + 2 * queries * width * 2 * width
-            + 2 * 2 * queries * seq * width + 2 * 2 * queries * width * mlp_dim)
-
   flops = 2 * context_length * text_width * width        # text encodings projection
   flops += 2 * 2 * embed_dim * width                      # text embed, image embed projections
   flops += 2 * 2 * width * width                          # timestep MLP
-  if depth:
-    flops += (depth - 1) * block(seq) + block(1)
+  flops += flops_lib.transformer_flops(context_length + 4, width, depth, mlp_dim,
+                                       num_outputs=1)
   flops += 2 * width * embed_dim                          # head
   return float(flops)
