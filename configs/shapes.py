@@ -166,8 +166,11 @@ def get_config(arg=None):
   # denoising well from t = 900. Predicting x0 (as the prior does) has no such blow-up and
   # learned the shapes fastest of x0 / v / eps in tests/test_decoder.py's overfit test. DDIM
   # ignores a learned variance, so it is off.
+  # loss_weight: the timestep weighting of the x0 error, whatever is predicted ('' = the
+  # objective's own; 'v' with loss_weight_cap=6: x0's weight near pure noise, v's near the
+  # data, capped; diffusion/gaussian.py).
   c.decoder.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
-                             learned_variance=False)
+                             learned_variance=False, loss_weight='', loss_weight_cap=0.0)
   c.decoder.sample = dict(sampler='ddim', steps=25, guidance_scale=3.0)
 
   # Upsampler: 32 -> 64 px, no attention, trained on 32 px crops of the 64 px images.

@@ -134,6 +134,33 @@ def test_training_losses_targets():
     np.testing.assert_allclose(loss, np.mean(np.square(target), axis=(1, 2, 3)), rtol=1e-5)
 
 
+
+@pytest.mark.parametrize('loss_weight,cap', [('v', 0.0), ('v', 6.0), ('eps', 5.0), ('x0', 0.0)])
+def test_loss_weight_is_independent_of_the_objective(loss_weight, cap):
+  """One x0 prediction, written as each objective's output, gets one loss: w(t) x0-MSE."""
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 3))
+  noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+  x0_hat = x0 + 0.1 * jax.random.normal(jax.random.PRNGKey(2), x0.shape)
+  t = jnp.array([0, 100, 500, 900, 999])
+  a = diffusion.GaussianDiffusion().alphas_cumprod[np.asarray(t)]
+  snr = a / (1 - a)
+  w = {'x0': np.ones_like(snr), 'eps': snr, 'v': 1 + snr}[loss_weight]
+  want = (np.minimum(w, cap) if cap else w) * np.mean(np.square(x0_hat - x0), axis=(1, 2, 3))
+  for objective in ('eps', 'x0', 'v'):
+    d = diffusion.GaussianDiffusion(objective=objective, loss_weight=loss_weight,
+                                    loss_weight_cap=cap)
+    sa = jnp.sqrt(a)[:, None, None, None]
+    s1 = jnp.sqrt(1 - a)[:, None, None, None]
+
+    def model_fn(x, t, objective=objective, sa=sa, s1=s1):
+      eps_hat = (x - sa * x0_hat) / s1
+      return {'x0': x0_hat, 'eps': eps_hat, 'v': sa * eps_hat - s1 * x0_hat}[objective]
+    loss, terms = d.training_losses(model_fn, x0, t, noise)
+    np.testing.assert_allclose(loss, want, rtol=5e-3, err_msg=objective)   # float32 at t=999
+    assert terms['mse'].shape == (5,)
+  with pytest.raises(ValueError, match='diffusion.loss_weight'):
+    diffusion.GaussianDiffusion(loss_weight='snr')
+
 def _hybrid_setup(dtype):
   d = diffusion.GaussianDiffusion(objective='eps', learned_variance=True, vlb_weight=0.001)
   k = jax.random.split(jax.random.PRNGKey(0), 3)

@@ -6,7 +6,8 @@ Usage::
   d = diffusion.GaussianDiffusion.from_config(stage_config.diffusion)
   # fields: schedule ('cosine'|'linear'), timesteps (1000), objective ('eps'|'x0'|'v'),
   #         learned_variance (bool), vlb_weight (0.001), variance ('fixed_small'|'fixed_large'),
-  #         discretized_nll (True: 8-bit images at t=0 of L_vlb)
+  #         discretized_nll (True: 8-bit images at t=0 of L_vlb), loss_weight ('' | 'x0' |
+  #         'eps' | 'v': the timestep weighting of L_simple), loss_weight_cap (0 = none)
 
   t = d.sample_timesteps(rng, batch)                      # int32 [B] in [0, T)
   x_t = d.q_sample(x0, t, noise)

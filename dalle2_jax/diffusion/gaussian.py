@@ -45,6 +45,12 @@ class GaussianDiffusion:
       'fixed_large' (beta).
     discretized_nll: the t=0 term of L_vlb is the discretized Gaussian log-likelihood of 8-bit
       images in [-1, 1] (True) or a continuous Gaussian log density (False, e.g. embeddings).
+    loss_weight: how L_simple weighs the timesteps, whatever the model predicts. Written as a
+      weight w(t) on the squared x0 error: 'x0' w = 1, 'eps' w = SNR(t), 'v' w = 1 + SNR(t),
+      with SNR(t) = a_t / (1 - a_t); '' = the objective's own (plain MSE of its target).
+    loss_weight_cap: w(t) is capped at this value (0 = no cap). loss_weight='eps' with cap
+      gamma is Min-SNR-gamma (Hang et al. 2023); 'v' with a cap keeps x0's weight near pure
+      noise and caps v's extra weight near the data.
   """
 
   schedule: str = 'cosine'
@@ -54,6 +60,8 @@ class GaussianDiffusion:
   vlb_weight: float = 0.001
   variance: str = 'fixed_small'
   discretized_nll: bool = True
+  loss_weight: str = ''
+  loss_weight_cap: float = 0.0
 
   def __post_init__(self):
     if self.objective not in samplers.OBJECTIVES:
@@ -62,6 +70,12 @@ class GaussianDiffusion:
     if self.variance not in ('fixed_small', 'fixed_large'):
       raise ValueError(f"Unknown diffusion.variance {self.variance!r}; use 'fixed_small' or "
                        "'fixed_large'.")
+    if self.loss_weight not in ('',) + samplers.OBJECTIVES:
+      raise ValueError(f'Unknown diffusion.loss_weight {self.loss_weight!r}; use one of '
+                       f"{samplers.OBJECTIVES} or '' (the objective's own).")
+    if self.loss_weight_cap < 0:
+      raise ValueError(f'diffusion.loss_weight_cap must be >= 0 (0 = no cap), not '
+                       f'{self.loss_weight_cap}.')
     betas = schedules.get_betas(self.schedule, self.timesteps)
     acp = np.cumprod(1.0 - betas)
     acp_prev = np.append(1.0, acp[:-1])
@@ -80,6 +94,13 @@ class GaussianDiffusion:
         posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(1.0 - betas) / (1.0 - acp),
         log_betas=np.log(betas),
     )
+    # The MSE of each objective's target is the squared x0 error times its own weight.
+    snr = acp / (1.0 - acp)
+    x0_weight = {'x0': np.ones_like(snr), 'eps': snr, 'v': 1.0 + snr}
+    weight = x0_weight[self.loss_weight or self.objective]
+    if self.loss_weight_cap:
+      weight = np.minimum(weight, self.loss_weight_cap)
+    tables['loss_weight'] = weight / x0_weight[self.objective]
     object.__setattr__(self, '_tables', tables)
 
   @classmethod
@@ -145,7 +166,8 @@ class GaussianDiffusion:
     """Per-example losses for x_t = q_sample(x0, t, noise) and prediction model_fn(x_t, t).
 
     Everything after the model call is float32 (the model may compute in bfloat16).
-    Returns (loss [B], terms) where terms has 'mse' [B] (L_simple, mean over non-batch axes),
+    Returns (loss [B], terms) where terms has 'mse' [B] (L_simple before `loss_weight`, mean
+    over non-batch axes),
     'vlb' [B] (bits per dimension of the L_t term; only with learned variance) and 'pred_x0'
     (the model's x0 prediction, stop-gradient, float32, like x0).
     """
@@ -166,6 +188,8 @@ class GaussianDiffusion:
     pred_x0, _ = self.predict_x0_eps(jax.lax.stop_gradient(out), x_t, t)
     terms = {'mse': mse, 'pred_x0': pred_x0}
     loss = mse
+    if self.loss_weight or self.loss_weight_cap:
+      loss = mse * self._take('loss_weight', t, 1, dtype)
     if self.learned_variance:
       vlb = self._vlb_term(pred_x0, v, x0, x_t, t)
       terms['vlb'] = vlb
