@@ -260,7 +260,7 @@ def _stage_dir(stage: str, workdir, exports: dict[str, str]):
 
 def _reference_config(workdir, exports: dict[str, str]):
   """The experiment config of a run: from any of its exports (each carries the whole
-  config); the last trained stage first."""
+  config); the last trained stage first, with the workdir's stages that it does not name."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   from dalle2_jax.training import export  # pylint: disable=g-import-not-at-top
   candidates = list(reversed(list(exports.values())))
@@ -281,12 +281,41 @@ def _reference_config(workdir, exports: dict[str, str]):
         for stage in reversed(stages):
           d = _stage_dir(stage, workdir, exports)
           if (epath.Path(d) / export.CONFIG_FILE).exists():
-            return export.load_config(d)
+            config = export.load_config(d)
+            break
+        config = _with_other_exported_stages(config, workdir)
       return config
   raise FileNotFoundError(
       f'No trained stage in {workdir or list(exports.values())}: no <stage>/export/'
       f'{export.CONFIG_FILE}. Train the run first: python train.py --config '
       f'configs/shapes.py --workdir {workdir or "W"}')
+
+
+_TASK_ORDER = {'clip': 0, 'prior': 1, 'decoder': 2, 'upsampler': 3}
+
+
+def _with_other_exported_stages(config, workdir):
+  """`config` with the workdir's other exported stages added to config.stages, in task order.
+
+  Stages trained by separate commands that each narrowed `--config.stages` (say clip and
+  prior, then decoder and upsampler) export configs that each name only their own stages.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.training import export  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(config.to_dict())
+  stages = tuple(config.get('stages', ()))
+  rank = {s: (_TASK_ORDER.get(config[s].get('task', s) if s in config else s, 4), i)
+          for i, s in enumerate(stages)}
+  for path in sorted(epath.Path(workdir).glob(f'*/export/{export.CONFIG_FILE}')):
+    stage = path.parent.parent.name
+    other = export.load_config(path.parent)
+    if stage not in rank and stage in other and stage in other.get('stages', ()):
+      config[stage] = other[stage]
+      rank[stage] = (_TASK_ORDER.get(other[stage].get('task', stage), 4),
+                     list(other.stages).index(stage))
+  if len(rank) > len(stages):
+    config.stages = tuple(sorted(rank, key=rank.get))
+  return config
 
 
 def _with_dtype(config, stage: str, dtype: str):

@@ -1,6 +1,7 @@
 """The unCLIP sampler on random-weight stages: determinism across devices, manipulations,
 bad input. (Quality is checked by the end-to-end and evaluation runs, not here.)"""
 
+import json
 import os
 import shutil
 import warnings
@@ -110,6 +111,22 @@ def test_missing_stage_names_the_stage_and_command(workdir, tmp_path):
                                    exports={'decoder': os.path.join(workdir, 'decoder', 'export')})
   assert u.decoder.name == 'decoder'
 
+
+
+def test_stages_trained_by_separate_narrowed_commands_load_together(workdir, tmp_path):
+  """train.py --config.stages="('clip','prior')", then "('decoder','upsampler')"."""
+  split = str(tmp_path / 'split')
+  shutil.copytree(workdir, split)
+  for stages in (('clip', 'prior'), ('decoder', 'upsampler')):
+    for stage in stages:
+      path = os.path.join(split, stage, 'export', 'config.json')
+      with open(path) as f:
+        config = json.load(f)
+      config['stages'] = list(stages)
+      with open(path, 'w') as f:
+        json.dump(config, f)
+  u = sampling.UnCLIP.from_workdir(split)
+  assert u.stage_names == ('clip', 'prior', 'decoder', 'upsampler')
 
 def test_bad_settings_and_prompts(unclip, tmp_path):
   s = unclip.default_settings()
