@@ -167,9 +167,8 @@ class GaussianDiffusion:
 
     Everything after the model call is float32 (the model may compute in bfloat16).
     Returns (loss [B], terms) where terms has 'mse' [B] (L_simple before `loss_weight`, mean
-    over non-batch axes),
-    'vlb' [B] (bits per dimension of the L_t term; only with learned variance) and 'pred_x0'
-    (the model's x0 prediction, stop-gradient, float32, like x0).
+    over non-batch axes), 'vlb' [B] (bits per dimension of the L_t term; only with learned
+    variance) and 'pred_x0' (the model's x0 prediction, stop-gradient, float32, like x0).
     """
     dtype = _compute_dtype(x0, noise)
     x0, noise = jnp.asarray(x0, dtype), jnp.asarray(noise, dtype)
