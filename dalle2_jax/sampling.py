@@ -270,8 +270,8 @@ def _reference_config(workdir, exports: dict[str, str]):
       raise FileNotFoundError(f'--workdir {workdir} does not exist; train a run first: '
                               'python train.py --config configs/shapes.py --workdir '
                               f'{workdir}')
-    candidates += sorted((str(p.parent) for p in root.glob(f'*/export/{export.CONFIG_FILE}')),
-                         reverse=True)
+    exported = sorted(str(p.parent) for p in root.glob(f'*/export/{export.CONFIG_FILE}'))
+    candidates += exported[::-1]
   for directory in candidates:
     if (epath.Path(directory) / export.CONFIG_FILE).exists():
       config = export.load_config(directory)
@@ -283,7 +283,7 @@ def _reference_config(workdir, exports: dict[str, str]):
           if (epath.Path(d) / export.CONFIG_FILE).exists():
             config = export.load_config(d)
             break
-        config = _with_other_exported_stages(config, workdir)
+        config = _with_other_exported_stages(config, exported)
       return config
   raise FileNotFoundError(
       f'No trained stage in {workdir or list(exports.values())}: no <stage>/export/'
@@ -294,8 +294,9 @@ def _reference_config(workdir, exports: dict[str, str]):
 _TASK_ORDER = {'clip': 0, 'prior': 1, 'decoder': 2, 'upsampler': 3}
 
 
-def _with_other_exported_stages(config, workdir):
-  """`config` with the workdir's other exported stages added to config.stages, in task order.
+def _with_other_exported_stages(config, export_dirs):
+  """`config` with the stages of `export_dirs` (<workdir>/<stage>/export) that it does not
+  name added to config.stages, in task order.
 
   Stages trained by separate commands that each narrowed `--config.stages` (say clip and
   prior, then decoder and upsampler) export configs that each name only their own stages.
@@ -306,10 +307,12 @@ def _with_other_exported_stages(config, workdir):
   stages = tuple(config.get('stages', ()))
   rank = {s: (_TASK_ORDER.get(config[s].get('task', s) if s in config else s, 4), i)
           for i, s in enumerate(stages)}
-  for path in sorted(epath.Path(workdir).glob(f'*/export/{export.CONFIG_FILE}')):
-    stage = path.parent.parent.name
-    other = export.load_config(path.parent)
-    if stage not in rank and stage in other and stage in other.get('stages', ()):
+  for directory in export_dirs:
+    stage = epath.Path(directory).parent.name
+    if stage in rank:
+      continue
+    other = export.load_config(directory)
+    if stage in other and stage in other.get('stages', ()):
       config[stage] = other[stage]
       rank[stage] = (_TASK_ORDER.get(other[stage].get('task', stage), 4),
                      list(other.stages).index(stage))

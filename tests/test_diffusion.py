@@ -134,7 +134,6 @@ def test_training_losses_targets():
     np.testing.assert_allclose(loss, np.mean(np.square(target), axis=(1, 2, 3)), rtol=1e-5)
 
 
-
 @pytest.mark.parametrize('loss_weight,cap', [('v', 0.0), ('v', 6.0), ('eps', 5.0), ('x0', 0.0)])
 def test_loss_weight_is_independent_of_the_objective(loss_weight, cap):
   """One x0 prediction, written as each objective's output, gets one loss: w(t) x0-MSE."""
@@ -160,6 +159,7 @@ def test_loss_weight_is_independent_of_the_objective(loss_weight, cap):
     assert terms['mse'].shape == (5,)
   with pytest.raises(ValueError, match='diffusion.loss_weight'):
     diffusion.GaussianDiffusion(loss_weight='snr')
+
 
 def _hybrid_setup(dtype):
   d = diffusion.GaussianDiffusion(objective='eps', learned_variance=True, vlb_weight=0.001)

@@ -112,7 +112,6 @@ def test_missing_stage_names_the_stage_and_command(workdir, tmp_path):
   assert u.decoder.name == 'decoder'
 
 
-
 def test_stages_trained_by_separate_narrowed_commands_load_together(workdir, tmp_path):
   """train.py --config.stages="('clip','prior')", then "('decoder','upsampler')"."""
   split = str(tmp_path / 'split')
@@ -127,6 +126,7 @@ def test_stages_trained_by_separate_narrowed_commands_load_together(workdir, tmp
         json.dump(config, f)
   u = sampling.UnCLIP.from_workdir(split)
   assert u.stage_names == ('clip', 'prior', 'decoder', 'upsampler')
+
 
 def test_bad_settings_and_prompts(unclip, tmp_path):
   s = unclip.default_settings()
