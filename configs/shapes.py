@@ -131,10 +131,10 @@ def get_config(arg=None):
   # Decoder: 32 px ADM UNet conditioned on the CLIP image embedding (+ caption tokens). CLIP
   # embeds the 64 px image (tasks/decoder.py: input_image_size), the target is it at 32 px.
   # Batch 16 runs 2.5x the steps/s of batch 32 on 2 cores (1.8 vs 0.72), so more examples
-  # and updates fit in the same time: 57 min on 2 devices (num_cpu_devices). Measured
-  # (python -m dalle2_jax.evaluate): seen 65.1%, held-out 46.4%, two-object 10.9%; at 7000
-  # steps 64.6 / 38.0 / 11.7% (45 min, one device) and 64.6 / 41.1 / 10.2% the day before
-  # (63.5 / 36.5 / 7.0% without clip_embed_map;
+  # and updates fit in the same time: 57 min on 2 devices (num_cpu_devices). Measured with
+  # x0's own loss weighting (python -m dalle2_jax.evaluate): seen 65.1%, held-out 46.4%,
+  # two-object 10.9%; at 7000 steps 64.6 / 38.0 / 11.7% (45 min, one device) and 64.6 /
+  # 41.1 / 10.2% the day before (63.5 / 36.5 / 7.0% without clip_embed_map;
   # 59.9 / 33.3 / 4.7% also without two_object_repeats; 62.5 / 28.6 / 5.5% with a CLIP
   # trained without hard negatives too);
   # the earlier decoder (3000 steps at batch 32, embedding its own 32 px images)
@@ -167,11 +167,13 @@ def get_config(arg=None):
   # learned the shapes fastest of x0 / v / eps in tests/test_decoder.py's overfit test. DDIM
   # ignores a learned variance, so it is off.
   # loss_weight: the timestep weighting of the x0 error, whatever is predicted ('' = the
-  # objective's own; diffusion/gaussian.py). 'v' with loss_weight_cap=6 (x0's weight near pure
-  # noise, v's near the data, capped) drew single objects sharper and scored 67.7 / 30.7 /
-  # 14.1% with another run's weaker CLIP and prior (README): not a controlled comparison.
+  # objective's own; diffusion/gaussian.py). 'v' capped at 6: x0's weight near pure noise, up
+  # to 6x near the data. Against x0's own (uniform) weighting on the same CLIP, prior, data
+  # order and noise (README; 128 prompts a row): unweighted x0 error 4-9% lower in every
+  # 1000-step window; seen / held-out / two-object 66.7 / 32.8 / 7.0% vs 62.5 / 35.2 / 7.8%,
+  # and from the true renderings' embeddings 69.3 / 56.0 / 12.1% vs 65.4 / 44.0 / 10.5%.
   c.decoder.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
-                             learned_variance=False, loss_weight='', loss_weight_cap=0.0)
+                             learned_variance=False, loss_weight='v', loss_weight_cap=6.0)
   c.decoder.sample = dict(sampler='ddim', steps=25, guidance_scale=3.0)
 
   # Upsampler: 32 -> 64 px, no attention, trained on 32 px crops of the 64 px images.
