@@ -291,9 +291,6 @@ def _reference_config(workdir, exports: dict[str, str]):
       f'configs/shapes.py --workdir {workdir or "W"}')
 
 
-_TASK_ORDER = {'clip': 0, 'prior': 1, 'decoder': 2, 'upsampler': 3}
-
-
 def _with_other_exported_stages(config, export_dirs):
   """`config` with the stages of `export_dirs` (<workdir>/<stage>/export) that it does not
   name added to config.stages, in task order.
@@ -303,9 +300,11 @@ def _with_other_exported_stages(config, export_dirs):
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
   from dalle2_jax.training import export  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.tasks import TASK_ORDER  # pylint: disable=g-import-not-at-top
+  order = {task: i for i, task in enumerate(TASK_ORDER)}
   config = ml_collections.ConfigDict(config.to_dict())
   stages = tuple(config.get('stages', ()))
-  rank = {s: (_TASK_ORDER.get(config[s].get('task', s) if s in config else s, 4), i)
+  rank = {s: (order.get(config[s].get('task', s) if s in config else s, len(order)), i)
           for i, s in enumerate(stages)}
   for directory in export_dirs:
     stage = epath.Path(directory).parent.name
@@ -314,7 +313,7 @@ def _with_other_exported_stages(config, export_dirs):
     other = export.load_config(directory)
     if stage in other and stage in other.get('stages', ()):
       config[stage] = other[stage]
-      rank[stage] = (_TASK_ORDER.get(other[stage].get('task', stage), 4),
+      rank[stage] = (order.get(other[stage].get('task', stage), len(order)),
                      list(other.stages).index(stage))
   if len(rank) > len(stages):
     config.stages = tuple(sorted(rank, key=rank.get))

@@ -8,6 +8,8 @@ _TASKS = {
     'decoder': 'dalle2_jax.tasks.decoder:DecoderTask',
     'upsampler': 'dalle2_jax.tasks.upsampler:UpsamplerTask',
 }
+# The order in which a run trains and samples the tasks: each needs the ones before it.
+TASK_ORDER = tuple(_TASKS)
 
 
 def get_task(config, stage, workdir):
