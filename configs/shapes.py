@@ -89,7 +89,8 @@ def get_config(arg=None):
   # `heldout` (python -m dalle2_jax.evaluation.zero_shot --workdir W). Measured (4000 steps,
   # 22-33 min on 2 cores): test 100/100/100/100%, heldout 99.6/97.4/100/99.6% (without hard
   # negatives 100/99.9/100/99.7%); binding (true caption beats colours swapped / shapes
-  # swapped / relation reversed) test 72/93/82%, heldout 61/84/71% (chance 50%). 3000 steps
+  # swapped / relation reversed) test 72/93/82%, heldout 61/84/71% (chance 50%); another run
+  # (runs/s16, README): 100% on all four everywhere, binding 65/90/80% and 53/85/78%. 3000 steps
   # gave heldout position 88.8%; without the colour augmentation and the pixel stem, heldout
   # shape was 42% (2000 steps).
   c.clip = stage('clip', steps=4000, batch_size=128, lr=1e-3, ema_decay=0.995)
@@ -113,8 +114,10 @@ def get_config(arg=None):
 
   # Prior: on `test` captions, sampled image embeddings have a mean cosine with the true ones
   # >= 0.1 above the text embedding's (python -m dalle2_jax.tasks.prior --workdir W).
-  # Measured with this config's CLIP (2 candidates, 64 DDIM steps): test 0.921 vs 0.793,
-  # heldout 0.898 vs 0.773 (mean-image baseline 0.48 / 0.56).
+  # Measured with this config's CLIP (2 candidates, 64 DDIM steps, unguided): test 0.921 vs
+  # 0.793, heldout 0.898 vs 0.773 (mean-image baseline 0.48 / 0.56); runs/s16 0.913 / 0.884
+  # unguided and 0.898 / 0.879 at the guidance below (baseline 0.780 / 0.765): guidance
+  # lowers the cosine a little while it makes held-out colours right (below).
   c.prior = stage('prior', steps=1000, batch_size=64, lr=1e-3, ema_decay=0.995)
   c.prior.image_size = 64        # = clip.image_size: images only go through the frozen CLIP
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
@@ -125,20 +128,20 @@ def get_config(arg=None):
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)
   # sampler: 'ddim' | 'ddpm' | 'dpmpp_2m'; spacing: 'trailing' | 'leading' | 'linspace'
-  c.prior.sample = dict(sampler='ddim', steps=64, guidance_scale=1.0, num_candidates=2,
+  # Guidance 4 (Karlo's and diffusers' default): unguided, the prior gives held-out prompts
+  # the colours of seen pairs. On runs/s16 (python -m dalle2_jax.evaluate, 64 prompts a row)
+  # guidance 1 / 2 / 4 / 6 / 8 scored held-out 30.7 / 42.7 / 50.5 / 48.4 / 46.4% (held-out
+  # partial prompts' colour 39 / 72 / 81 / 77 / 78%), seen 67.7 / 68.2 / 68.2 / 68.8 / 66.1%;
+  # above 4 the sizes go wrong (held-out partial prompts' size 96 / 96 / 88 / 68 / 68%).
+  c.prior.sample = dict(sampler='ddim', steps=64, guidance_scale=4.0, num_candidates=2,
                         spacing='trailing')
 
   # Decoder: 32 px ADM UNet conditioned on the CLIP image embedding (+ caption tokens). CLIP
   # embeds the 64 px image (tasks/decoder.py: input_image_size), the target is it at 32 px.
   # Batch 16 runs 2.5x the steps/s of batch 32 on 2 cores (1.8 vs 0.72), so more examples
-  # and updates fit in the same time: 57 min on 2 devices (num_cpu_devices). Measured with
-  # x0's own loss weighting (python -m dalle2_jax.evaluate): seen 65.1%, held-out 46.4%,
-  # two-object 10.9%; at 7000 steps 64.6 / 38.0 / 11.7% (45 min, one device) and 64.6 /
-  # 41.1 / 10.2% the day before (63.5 / 36.5 / 7.0% without clip_embed_map;
-  # 59.9 / 33.3 / 4.7% also without two_object_repeats; 62.5 / 28.6 / 5.5% with a CLIP
-  # trained without hard negatives too);
-  # the earlier decoder (3000 steps at batch 32, embedding its own 32 px images)
-  # 54.2 / 14.1 / 5.5%.
+  # and updates fit in the same time: about 60 min on 2 devices (num_cpu_devices). What the
+  # whole chain scores, and what each decoder setting below changed, is in the README and
+  # docs/shapes_experiments.md (python -m dalle2_jax.evaluate).
   c.decoder = stage('decoder', steps=10000, batch_size=16, lr=3e-4, ema_decay=0.999,
                     ema_warmup_steps=200)
   # A quarter of the examples get off-palette colours and colour-free captions (as CLIP's
@@ -155,7 +158,8 @@ def get_config(arg=None):
       channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(16, 8),
       head_channels=32, dropout=0.0, num_clip_tokens=4,
       # The embedding also as an 8 x 8 feature map (not in the paper): where two objects go
-      # is in it, but far from linearly (README); 0-5 points better, about one std. error.
+      # is in it, but far from linearly (docs/shapes_experiments.md); 0-5 points better,
+      # about one standard error.
       clip_embed_map=True,
       text_encoder='clip', image_embed_drop_prob=0.1, text_drop_prob=0.5,
       custom_conv_grad=False)   # True: hand-written CPU conv gradient (bench/conv_grad.py)
@@ -169,8 +173,8 @@ def get_config(arg=None):
   # loss_weight: the timestep weighting of the x0 error, whatever is predicted ('' = the
   # objective's own; diffusion/gaussian.py). 'v' capped at 6: x0's weight near pure noise, up
   # to 6x near the data. Against x0's own (uniform) weighting on the same CLIP, prior, data
-  # order and noise (README; 128 prompts a row): unweighted x0 error 4-9% lower in every
-  # 1000-step window; seen / held-out / two-object 66.7 / 32.8 / 7.0% vs 62.5 / 35.2 / 7.8%,
+  # order and noise (docs/shapes_experiments.md; 128 prompts a row, prior unguided):
+  # unweighted x0 error 4-9% lower in every 1000-step window; seen / held-out / two-object 66.7 / 32.8 / 7.0% vs 62.5 / 35.2 / 7.8%,
   # and from the true renderings' embeddings 69.3 / 56.0 / 12.1% vs 65.4 / 44.0 / 10.5%.
   c.decoder.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                              learned_variance=False, loss_weight='v', loss_weight_cap=6.0)
