@@ -174,8 +174,9 @@ def get_config(arg=None):
   # objective's own; diffusion/gaussian.py). 'v' capped at 6: x0's weight near pure noise, up
   # to 6x near the data. Against x0's own (uniform) weighting on the same CLIP, prior, data
   # order and noise (docs/shapes_experiments.md; 128 prompts a row, prior unguided):
-  # unweighted x0 error 4-9% lower in every 1000-step window; seen / held-out / two-object 66.7 / 32.8 / 7.0% vs 62.5 / 35.2 / 7.8%,
-  # and from the true renderings' embeddings 69.3 / 56.0 / 12.1% vs 65.4 / 44.0 / 10.5%.
+  # unweighted x0 error 4-9% lower in every 1000-step window; seen / held-out / two-object
+  # 66.7 / 32.8 / 7.0% vs 62.5 / 35.2 / 7.8%, and from the true renderings' embeddings
+  # 69.3 / 56.0 / 12.1% vs 65.4 / 44.0 / 10.5%.
   c.decoder.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                              learned_variance=False, loss_weight='v', loss_weight_cap=6.0)
   c.decoder.sample = dict(sampler='ddim', steps=25, guidance_scale=3.0)
