@@ -57,6 +57,9 @@ _PRIOR_SAMPLER = flags.DEFINE_enum('prior_sampler', None, _SAMPLERS, 'Prior samp
 _PRIOR_STEPS = flags.DEFINE_integer('prior_steps', None, 'Prior steps.', lower_bound=1)
 _PRIOR_GUIDANCE = flags.DEFINE_float('prior_guidance_scale', None, 'Prior classifier-free '
                                      'guidance scale (1 = none).', lower_bound=0.0)
+_PRIOR_INTERVAL = flags.DEFINE_list('prior_guidance_interval', None, 'lo,hi: prior guidance '
+                                    'only at timesteps lo <= t < hi of the T training '
+                                    'timesteps (0,T = every step).')
 _PRIOR_ETA = flags.DEFINE_float('prior_eta', None, 'Prior DDIM eta.', lower_bound=0.0)
 _PRIOR_CANDIDATES = flags.DEFINE_integer('prior_num_candidates', None, 'Prior best of N: '
                                          'N image embeddings, the closest to the text '
@@ -65,6 +68,9 @@ _DECODER_SAMPLER = flags.DEFINE_enum('decoder_sampler', None, _SAMPLERS, 'Decode
 _DECODER_STEPS = flags.DEFINE_integer('decoder_steps', None, 'Decoder steps.', lower_bound=1)
 _DECODER_GUIDANCE = flags.DEFINE_float('decoder_guidance_scale', None, 'Decoder '
                                        'classifier-free guidance scale.', lower_bound=0.0)
+_DECODER_INTERVAL = flags.DEFINE_list('decoder_guidance_interval', None, 'lo,hi: decoder '
+                                      'guidance only at timesteps lo <= t < hi of the T '
+                                      'training timesteps (0,T = every step).')
 _DECODER_ETA = flags.DEFINE_float('decoder_eta', None, 'Decoder DDIM eta.', lower_bound=0.0)
 _DECODER_CANDIDATES = flags.DEFINE_integer('decoder_num_candidates', None, 'Decoder best of '
                                            'N (CLIP reranking): N images, the one whose CLIP '
@@ -136,6 +142,7 @@ def _check_mode_inputs(prompts):
 
 def _settings(unclip):
   """Config defaults, then --preset, then per-stage flags; validated against the stages."""
+  from dalle2_jax import sampling  # pylint: disable=g-import-not-at-top
   settings = unclip.default_settings()
   try:
     if _PRESET.value:
@@ -143,11 +150,15 @@ def _settings(unclip):
     settings = settings.replace_stage(
         'prior', sampler=_PRIOR_SAMPLER.value, steps=_PRIOR_STEPS.value,
         guidance_scale=_PRIOR_GUIDANCE.value, eta=_PRIOR_ETA.value,
-        num_candidates=_PRIOR_CANDIDATES.value)
+        num_candidates=_PRIOR_CANDIDATES.value,
+        guidance_interval=sampling.parse_interval(_PRIOR_INTERVAL.value,
+                                                 'prior_guidance_interval'))
     settings = settings.replace_stage(
         'decoder', sampler=_DECODER_SAMPLER.value, steps=_DECODER_STEPS.value,
         guidance_scale=_DECODER_GUIDANCE.value, eta=_DECODER_ETA.value,
-        num_candidates=_DECODER_CANDIDATES.value)
+        num_candidates=_DECODER_CANDIDATES.value,
+        guidance_interval=sampling.parse_interval(_DECODER_INTERVAL.value,
+                                                 'decoder_guidance_interval'))
     settings = settings.replace_stage('upsamplers', sampler=_UPSAMPLER_SAMPLER.value,
                                       eta=_UPSAMPLER_ETA.value)
     if _UPSAMPLER_STEPS.value:

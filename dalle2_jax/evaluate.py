@@ -155,10 +155,16 @@ def main(argv):
     if f.decoder_steps:
       settings = settings.replace_stage('decoder', steps=f.decoder_steps)
     settings = settings.replace_stage('prior', guidance_scale=f.prior_guidance_scale,
-                                      num_candidates=f.prior_num_candidates)
+                                      num_candidates=f.prior_num_candidates,
+                                      guidance_interval=sampling.parse_interval(
+                                          f.prior_guidance_interval,
+                                          'prior_guidance_interval'))
     settings = settings.replace_stage('decoder', guidance_scale=f.decoder_guidance_scale,
                                       num_candidates=f.decoder_num_candidates,
-                                      sampler=f.decoder_sampler, eta=f.decoder_eta)
+                                      sampler=f.decoder_sampler, eta=f.decoder_eta,
+                                      guidance_interval=sampling.parse_interval(
+                                          f.decoder_guidance_interval,
+                                          'decoder_guidance_interval'))
     if f.upsampler_steps:
       settings = settings.with_upsampler_steps([f.upsampler_steps])
     unclip.validate(settings)
@@ -197,6 +203,10 @@ def _define_flags():
                      lower_bound=0.0)
   flags.DEFINE_float('decoder_guidance_scale', None, 'Decoder classifier-free guidance '
                      'scale.', lower_bound=0.0)
+  flags.DEFINE_list('prior_guidance_interval', None, 'lo,hi: prior guidance only at '
+                    'timesteps lo <= t < hi (0,T = every step).')
+  flags.DEFINE_list('decoder_guidance_interval', None, 'lo,hi: decoder guidance only at '
+                    'timesteps lo <= t < hi (0,T = every step).')
   from dalle2_jax import sampling  # pylint: disable=g-import-not-at-top
   flags.DEFINE_enum('decoder_sampler', None, list(sampling.SAMPLERS), 'Decoder sampler.')
   flags.DEFINE_float('decoder_eta', None, 'Decoder DDIM eta (0: deterministic, 1: as '

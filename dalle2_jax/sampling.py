@@ -55,6 +55,9 @@ class StageSampling:
   # images, the one whose CLIP image embedding is closest to the text embedding (CLIP
   # reranking, before the upsamplers); costs N decoder samples. Upsamplers: 1.
   num_candidates: int = 1
+  # Guidance only at timesteps lo <= t < hi of the training grid (Kynkäänniemi et al. 2024);
+  # None = every step. Prior and decoder (the upsamplers are unguided).
+  guidance_interval: tuple[int, int] | None = None
 
   def validate(self, stage: str, timesteps: int | None = None):
     """Raises ValueError naming the stage and the offending setting."""
@@ -68,6 +71,15 @@ class StageSampling:
     if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
       raise ValueError(f'{stage}: guidance_scale must be finite and >= 0 (1 = no guidance), '
                        f'got {self.guidance_scale!r}.')
+    if self.guidance_interval is not None:
+      iv = tuple(self.guidance_interval)
+      if (len(iv) != 2 or not all(isinstance(v, (int, np.integer)) for v in iv)
+          or not 0 <= iv[0] < iv[1]):
+        raise ValueError(f'{stage}: guidance_interval must be two integer timesteps lo, hi '
+                         f'with 0 <= lo < hi, got {self.guidance_interval!r}.')
+      if timesteps is not None and iv[0] >= timesteps:
+        raise ValueError(f'{stage}: guidance_interval {iv} starts at or after the '
+                         f'{timesteps} diffusion timesteps; no step would be guided.')
     if not math.isfinite(self.eta) or self.eta < 0:
       raise ValueError(f'{stage}: eta must be finite and >= 0, got {self.eta!r}.')
     if not isinstance(self.num_candidates, (int, np.integer)) or self.num_candidates < 1:
@@ -117,6 +129,18 @@ class Settings:
       steps = steps * len(self.upsamplers)
     return dataclasses.replace(self, upsamplers=tuple(
         dataclasses.replace(u, steps=int(s)) for u, s in zip(self.upsamplers, steps)))
+
+
+def parse_interval(values: Sequence[str] | None, flag: str) -> tuple[int, int] | None:
+  """['lo', 'hi'] from the list flag --`flag` -> (lo, hi); None stays None."""
+  if values is None:
+    return None
+  try:
+    lo, hi = (int(v) for v in values)
+  except ValueError as e:
+    raise ValueError(f'--{flag} takes two integer timesteps lo,hi (e.g. 0,600), '
+                     f'got {",".join(values)!r}.') from e
+  return lo, hi
 
 
 def stage_sampling_from_config(stage_config) -> StageSampling:
@@ -593,7 +617,8 @@ class UnCLIP:
     """tokens [1, L] -> CLIP image embedding [1, D] (best of s.num_candidates)."""
     return self.prior.task.sample_image_embed(
         params['prior'], params['clip'], tokens, key, steps=s.steps,
-        guidance_scale=s.guidance_scale, num_candidates=s.num_candidates, sampler=s.sampler)
+        guidance_scale=s.guidance_scale, num_candidates=s.num_candidates, sampler=s.sampler,
+        guidance_interval=s.guidance_interval or (0, self.prior.task.diffusion.timesteps))
 
   def _decode_one(self, params, key, image_embed, tokens, settings: Settings, target=None):
     """image_embed [1, D], tokens [1, L] -> uint8 [H, W, 3] through decoder and upsamplers.
@@ -616,7 +641,8 @@ class UnCLIP:
     """CLIP image embedding [1, D] (CLIP space) + tokens [1, L] -> [1, S, S, 3] in [-1, 1]."""
     return self.decoder.task.generate(
         params['decoder'], params['clip'], tokens, key, clip_image_embed=image_embed,
-        steps=s.steps, guidance_scale=s.guidance_scale, sampler=s.sampler, eta=s.eta)
+        steps=s.steps, guidance_scale=s.guidance_scale, sampler=s.sampler, eta=s.eta,
+        guidance_interval=s.guidance_interval or (0, self.decoder.task.diffusion.timesteps))
 
   def _closest_to(self, clip_params, images, target):
     """images [N, S, S, 3] in [-1, 1], target embedding [1, D] -> the image [1, S, S, 3]
@@ -806,6 +832,7 @@ class UnCLIP:
       x = repaint_sample(task.diffusion, model_fn, known[None], mask[None, :, :, None],
                          keys[0], steps=s.steps, sampler=s.sampler, eta=s.eta,
                          resample=resample, guidance_scale=s.guidance_scale,
+                         guidance_interval=s.guidance_interval,
                          spacing=task.stage_config.sample.get('spacing', 'trailing'),
                          thresholding=thresholding)
       x = jnp.clip(x, -1.0, 1.0)
@@ -870,7 +897,8 @@ class UnCLIP:
 def repaint_sample(diffusion, model_fn: Callable, known: jax.Array, mask: jax.Array,
                    rng: jax.Array, *, steps: int, sampler: str = 'ddim', eta: float = 0.0,
                    resample: int = 1, spacing: str = 'trailing',
-                   guidance_scale: float = 1.0, thresholding: str = 'none') -> jax.Array:
+                   guidance_scale: float = 1.0, guidance_interval: Sequence[int] | None = None,
+                   thresholding: str = 'none') -> jax.Array:
   """Samples x0 whose `mask`ed region is generated and whose rest is `known`.
 
   At every step the unknown region takes the model's step from x_t and the known region is
@@ -885,8 +913,8 @@ def repaint_sample(diffusion, model_fn: Callable, known: jax.Array, mask: jax.Ar
     known: [B, ...] the image to keep (same scale as the samples, e.g. [-1, 1]).
     mask: broadcastable to known; 1 (True) where to generate, 0 where to keep.
     rng: PRNG key.
-    steps, sampler ('ddim' or 'ddpm'), eta, spacing, guidance_scale, thresholding: as for
-      `GaussianDiffusion.sample`.
+    steps, sampler ('ddim' or 'ddpm'), eta, spacing, guidance_scale, guidance_interval,
+      thresholding: as for `GaussianDiffusion.sample`.
     resample: passes per step (1 = plain replacement-based inpainting).
   """
   from dalle2_jax.diffusion import samplers as samplers_lib  # pylint: disable=g-import-not-at-top
@@ -898,7 +926,8 @@ def repaint_sample(diffusion, model_fn: Callable, known: jax.Array, mask: jax.Ar
   mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), known.shape)
   if not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0):
     model_fn = samplers_lib.classifier_free_guidance(model_fn, guidance_scale,
-                                                     diffusion.learned_variance)
+                                                     diffusion.learned_variance,
+                                                     guidance_interval)
   ts = diffusion.sampling_timesteps(steps, spacing)
   coefs = samplers_lib.sampler_coefficients(diffusion.alphas_cumprod, ts)
   xs = {k: jnp.asarray(v, jnp.int32 if k == 't' else bool if v.dtype == bool else jnp.float32)

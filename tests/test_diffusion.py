@@ -86,6 +86,46 @@ def test_classifier_free_guidance_doubled_batch():
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('sampler', ['ddpm', 'dpmpp_2m'])
+def test_guidance_interval(sampler):
+  d = diffusion.GaussianDiffusion(objective='eps')
+  cond, uncond = exact_model(d, MU, SIGMA, 'eps'), exact_model(d, [-0.4, 0.2], SIGMA, 'eps')
+  calls = []
+
+  def model_fn(x, t, drop_cond=None):
+    calls.append(x.shape[0])
+    return cond(x, t) if drop_cond is None else jnp.where(drop_cond[:, None], uncond(x, t),
+                                                          cond(x, t))
+
+  # Per row: scale 3 where lo <= t < hi, the conditional output elsewhere.
+  guided = diffusion.classifier_free_guidance(model_fn, 3.0, interval=(0, 600))
+  x, t = jnp.ones((2, 2)), jnp.array([599, 600])
+  want = uncond(x, t) + 3.0 * (cond(x, t) - uncond(x, t))
+  np.testing.assert_allclose(guided(x, t), jnp.stack([want[0], cond(x, t)[1]]), rtol=1e-5)
+
+  # 8 steps [999, 874, ..., 124]: the four below 600 are guided, the others make one
+  # conditional call on the plain batch; the same samples as guiding every step with that
+  # per-row scale.
+  n, rng = 256, jax.random.PRNGKey(3)
+  kw = dict(sampler=sampler, steps=8)
+  calls.clear()
+  x = d.sample(model_fn, (n, 2), rng, guidance_scale=3.0, guidance_interval=(0, 600), **kw)
+  assert sorted(set(calls)) == [n, 2 * n]
+  ref = d.sample(guided, (n, 2), rng, **kw)
+  np.testing.assert_allclose(x, ref, rtol=1e-4, atol=1e-4)
+  guided_all = d.sample(model_fn, (n, 2), rng, guidance_scale=3.0, **kw)
+  assert float(jnp.abs(x - guided_all).mean()) > 0.05
+  # An interval covering every step is plain guidance; one covering none is no guidance.
+  np.testing.assert_array_equal(
+      d.sample(model_fn, (n, 2), rng, guidance_scale=3.0, guidance_interval=(0, 1000), **kw),
+      guided_all)
+  calls.clear()
+  np.testing.assert_array_equal(
+      d.sample(model_fn, (n, 2), rng, guidance_scale=3.0, guidance_interval=(0, 100), **kw),
+      d.sample(model_fn, (n, 2), rng, **kw))
+  assert set(calls) == {n}
+
+
 def test_thresholding():
   x0 = jnp.stack([jnp.linspace(-3, 3, 200), jnp.linspace(-0.5, 0.5, 200)])
   static = diffusion.threshold(x0, 'static')

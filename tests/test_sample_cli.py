@@ -62,6 +62,7 @@ def test_writes_images_grid_and_jsonl_in_prompt_order(workdir, tmp_path):
     (['--decoder_sampler', 'euler'], 'decoder_sampler'),
     (['--upsampler_steps', '3,x'], 'upsampler_steps'),
     (['--num_images_per_prompt', '0'], 'num_images_per_prompt'),
+    (['--decoder_guidance_interval', '600'], 'decoder_guidance_interval'),
 ])
 def test_flag_errors(workdir, args, message):
   proc, seconds = _sample('--workdir', workdir, '--prompt', 'a red circle', *args)

@@ -188,3 +188,31 @@ def test_decoder_best_of_n_keeps_the_candidate_closest_to_the_prompt(workdir, un
   one = sampling.UnCLIP.from_workdir(workdir, devices=jax.devices()[:1])
   diff1 = np.abs(one(prompts, seed=5, settings=s).astype(int) - out)
   assert diff1.max() <= 1 and diff1.mean() < 0.01
+
+
+def test_guidance_interval_reaches_prior_and_decoder(unclip):
+  s = unclip.default_settings()
+  prompts = ['a large red circle in the top left', 'a small blue square']
+  guided = unclip(prompts, seed=6, settings=s)
+  assert s.decoder.guidance_scale != 1.0
+  t = unclip.decoder.task.diffusion.timesteps
+  # (0, T) guides every step: the default.
+  np.testing.assert_array_equal(
+      unclip(prompts, seed=6, settings=s.replace_stage('decoder', guidance_interval=(0, t))),
+      guided)
+  # (0, 1) guides none of the 2 sampling steps: the same as scale 1.
+  no_decoder_guidance = unclip(prompts, seed=6, settings=s.replace_stage(
+      'decoder', guidance_scale=1.0))
+  assert np.abs(no_decoder_guidance.astype(int) - guided).mean() > 1
+  np.testing.assert_array_equal(
+      unclip(prompts, seed=6, settings=s.replace_stage('decoder', guidance_interval=(0, 1))),
+      no_decoder_guidance)
+  # The same for the prior.
+  sp = s.replace_stage('prior', guidance_scale=4.0)
+  tokens = unclip.tokenize(prompts)
+  key = jax.random.PRNGKey(0)
+  embed = lambda st: np.asarray(unclip._prior_one(unclip.params, key, tokens, st.prior))
+  np.testing.assert_array_equal(
+      embed(sp.replace_stage('prior', guidance_interval=(0, 1))),
+      embed(sp.replace_stage('prior', guidance_scale=1.0)))
+  assert np.abs(embed(sp) - embed(s)).max() > 1e-4

@@ -72,6 +72,17 @@ def test_settings_presets_and_validation():
     sampling.StageSampling(guidance_scale=-1.0).validate('decoder')
   with pytest.raises(ValueError, match='num_candidates'):
     sampling.StageSampling(num_candidates=0).validate('prior')
+  sampling.StageSampling(guidance_interval=(0, 600)).validate('decoder', timesteps=1000)
+  for bad in ((600, 0), (0,), (-1, 5), (0.0, 600)):
+    with pytest.raises(ValueError, match='decoder: guidance_interval'):
+      sampling.StageSampling(guidance_interval=bad).validate('decoder', timesteps=1000)
+  with pytest.raises(ValueError, match='no step would be guided'):
+    sampling.StageSampling(guidance_interval=(1000, 2000)).validate('decoder', timesteps=1000)
+  assert sampling.parse_interval(['0', '600'], 'x') == (0, 600)
+  assert sampling.parse_interval(None, 'x') is None
+  for bad in (['600'], ['0', 'a'], ['0', '1', '2']):
+    with pytest.raises(ValueError, match='--decoder_guidance_interval takes two integer'):
+      sampling.parse_interval(bad, 'decoder_guidance_interval')
 
 
 def test_to_uint8_round_trip():

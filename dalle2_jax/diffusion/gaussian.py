@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -216,7 +217,8 @@ class GaussianDiffusion:
   def sample(self, model_fn: ModelFn, shape: Sequence[int], rng: jax.Array, *,
              sampler: str = 'ddim', steps: int | None = None,
              spacing: str | Sequence[int] = 'trailing', eta: float = 0.0,
-             guidance_scale: float | jax.Array | None = 1.0, thresholding: str = 'none',
+             guidance_scale: float | jax.Array | None = 1.0,
+             guidance_interval: tuple[int, int] | None = None, thresholding: str = 'none',
              dynamic_threshold_percentile: float = 0.995,
              dynamic_threshold_max: float = float('inf'),
              x_T: jax.Array | None = None, dtype=None) -> jax.Array:
@@ -236,6 +238,8 @@ class GaussianDiffusion:
       guidance_scale: classifier-free guidance scale; 1.0 or None = one unguided model call per
         step. A Python number 1.0 skips the doubled batch; anything else (including traced
         values) runs the guided doubled batch.
+      guidance_interval: (lo, hi) = guide only the steps with lo <= t < hi (training grid);
+        the other steps make one conditional model call. None = every step.
       thresholding: 'none' | 'static' | 'dynamic' on the predicted x0 at every step.
       x_T: the starting noise (default: drawn from rng).
       dtype: float32 (default) or float64 for the sampler state.
@@ -253,12 +257,13 @@ class GaussianDiffusion:
     if x_T is None:
       x_T = jax.random.normal(rng_init, shape, dtype)
     x_T = jnp.asarray(x_T, dtype)
-    if guidance_scale is not None and not (isinstance(guidance_scale, (int, float))
-                                           and guidance_scale == 1.0):
-      model_fn = samplers.classifier_free_guidance(model_fn, guidance_scale,
-                                                   self.learned_variance)
-
     ts = self.sampling_timesteps(steps, spacing)
+    guided = guidance_scale is not None and not (isinstance(guidance_scale, (int, float))
+                                                 and guidance_scale == 1.0)
+    guided_fn = (samplers.classifier_free_guidance(model_fn, guidance_scale,
+                                                   self.learned_variance, guidance_interval)
+                 if guided else model_fn)
+    is_guided = samplers.guided_steps(ts, guidance_interval) & guided
     coefs = samplers.sampler_coefficients(self.alphas_cumprod, ts)
     xs = {k: jnp.asarray(v, jnp.int32 if k == 't' else bool if k == 'last' else dtype)
           for k, v in coefs.items()}
@@ -270,10 +275,10 @@ class GaussianDiffusion:
     zero_noise = sampler == 'dpmpp_2m' or (
         sampler == 'ddim' and isinstance(eta, (int, float)) and eta == 0)
 
-    def body(carry, c):
+    def body(fn, carry, c):
       x, x0_before = carry
       t = jnp.full((batch,), c['t'], jnp.int32)
-      out = jnp.asarray(model_fn(x, t)).astype(dtype)
+      out = jnp.asarray(fn(x, t)).astype(dtype)
       if zero_noise:
         noise = jnp.zeros(shape, dtype)
       else:
@@ -287,5 +292,12 @@ class GaussianDiffusion:
         x, x0 = samplers.ddim_step(out, x, c, noise, eta=eta, **kw)
       return (x, x0), None
 
-    (x, _), _ = jax.lax.scan(body, (x_T, jnp.zeros(shape, dtype)), xs)
-    return x
+    # One scan per run of steps that are all guided or all unguided, so that steps outside
+    # a guidance interval skip the doubled batch.
+    carry = (x_T, jnp.zeros(shape, dtype))
+    bounds = [0] + [i for i in range(1, len(ts)) if is_guided[i] != is_guided[i - 1]] + [len(ts)]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+      fn = guided_fn if is_guided[start] else model_fn
+      carry, _ = jax.lax.scan(functools.partial(body, fn), carry,
+                              {k: v[start:end] for k, v in xs.items()})
+    return carry[0]

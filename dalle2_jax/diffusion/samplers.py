@@ -183,8 +183,18 @@ def dpmpp_2m_step(out, x, c, x0_before, *, objective: str, learned_variance: boo
   return x_prev, x0
 
 
-def classifier_free_guidance(model_fn: Callable, guidance_scale, learned_variance: bool = False
-                             ) -> Callable:
+def guided_steps(ts, interval) -> np.ndarray:
+  """bool [len(ts)]: which timesteps `ts` (training grid) get guidance; interval = (lo, hi)
+  guides lo <= t < hi, None guides every step."""
+  ts = np.asarray(ts)
+  if interval is None:
+    return np.ones(ts.shape, bool)
+  lo, hi = interval
+  return (ts >= lo) & (ts < hi)
+
+
+def classifier_free_guidance(model_fn: Callable, guidance_scale, learned_variance: bool = False,
+                             interval: tuple[int, int] | None = None) -> Callable:
   """Wraps a conditional model into a guided model_fn(x_t, t) (Ho & Salimans 2022).
 
   `model_fn(x, t, drop_cond=...)` is called once per step on a doubled batch: rows [:B] with
@@ -192,6 +202,10 @@ def classifier_free_guidance(model_fn: Callable, guidance_scale, learned_varianc
   must repeat its own conditioning to the batch it is given (see `repeat_batch`). The guided
   output is uncond + guidance_scale * (cond - uncond) on the mean part; with learned variance
   the variance half is taken from the conditional rows.
+
+  interval = (lo, hi): guidance only at timesteps lo <= t < hi, elsewhere scale 1 (the
+  conditional output); Kynkäänniemi et al. 2024 find guidance at high noise mostly costs
+  diversity. `GaussianDiffusion.sample` skips the doubled batch outside the interval.
   """
   def guided(x, t):
     b = x.shape[0]
@@ -201,6 +215,9 @@ def classifier_free_guidance(model_fn: Callable, guidance_scale, learned_varianc
     cond_mean, cond_v = split_output(cond, learned_variance)
     uncond_mean, _ = split_output(uncond, learned_variance)
     s = jnp.asarray(guidance_scale, cond_mean.dtype)
+    if interval is not None:
+      inside = (t >= interval[0]) & (t < interval[1])
+      s = jnp.where(inside, s, jnp.ones_like(s)).reshape((b,) + (1,) * (cond_mean.ndim - 1))
     mean = uncond_mean + s * (cond_mean - uncond_mean)
     return mean if cond_v is None else jnp.concatenate([mean, cond_v], axis=-1)
   return guided

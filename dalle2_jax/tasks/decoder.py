@@ -35,7 +35,7 @@ fractions dropped in this batch).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -283,9 +283,12 @@ class DecoderTask(base.Task):
   def generate(self, params, frozen, tokens, rng, *, images=None, clip_image_embed=None,
                steps: int | None = None, guidance_scale: float | None = None,
                sampler: str | None = None, spacing: str | None = None,
-               eta: float | None = None, x_T=None) -> jax.Array:
+               eta: float | None = None, guidance_interval: Sequence[int] | None = None,
+               x_T=None) -> jax.Array:
     """Images [B, S, S, 3] in [-1, 1] for tokens [B, L] and CLIP image embeddings (CLIP
     space, e.g. from the prior; or `images` to embed). None = `config.decoder.sample`.
+    guidance_interval (lo, hi): guidance only at timesteps lo <= t < hi (config default:
+    every step).
 
     An empty caption (tokens holding only start and end of text) takes the decoder's learned
     null caption, as the captions dropped in training did, not the CLIP encoding of ''.
@@ -301,6 +304,8 @@ class DecoderTask(base.Task):
         eta=float(sc.get('eta', 0.0) if eta is None else eta),
         guidance_scale=float(sc.get('guidance_scale', 1.0) if guidance_scale is None
                              else guidance_scale),
+        guidance_interval=(sc.get('guidance_interval') if guidance_interval is None
+                           else guidance_interval),
         thresholding=sc.get('thresholding', 'static'), x_T=x_T)
     return jnp.clip(x, -1.0, 1.0)
 

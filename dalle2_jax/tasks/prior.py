@@ -243,7 +243,8 @@ class PriorTask(base.Task):
   def sample_image_embed(self, params, frozen, tokens, rng, steps: int | None = None,
                          guidance_scale: float | None = None,
                          num_candidates: int | None = None, sampler: str | None = None,
-                         spacing: str | None = None, return_candidates: bool = False):
+                         spacing: str | None = None, guidance_interval=None,
+                         return_candidates: bool = False):
     """CLIP image embeddings [B, D] for tokens [B, L] (traceable; arguments are static).
 
     Draws `num_candidates` samples per prompt and keeps the one whose (unit-normalised) dot
@@ -258,6 +259,7 @@ class PriorTask(base.Task):
     n = int(num_candidates or sc.get('num_candidates', 2))
     sampler = sampler or sc.get('sampler', 'ddim')
     spacing = spacing or sc.get('spacing', 'trailing')
+    guidance_interval = guidance_interval or sc.get('guidance_interval')
     text_embed, text_enc, mask, _ = self.encode(frozen, tokens)
     stats = self._stats(params)
     b = text_embed.shape[0]
@@ -266,7 +268,8 @@ class PriorTask(base.Task):
     model_fn = self._model_fn(params, rep(cond), rep(text_enc), rep(mask),
                               jnp.zeros((b * n,), bool))
     x = self.diffusion.sample(model_fn, (b * n, self.embed_dim), rng, sampler=sampler,
-                              steps=steps, spacing=spacing, guidance_scale=guidance_scale)
+                              steps=steps, spacing=spacing, guidance_scale=guidance_scale,
+                              guidance_interval=guidance_interval)
     cands = self.denormalize(x, 'image', stats).reshape(b, n, self.embed_dim)
     score = jnp.einsum('bnd,bd->bn', clip_lib.l2_normalize(cands), clip_lib.l2_normalize(text_embed))
     best = jnp.argmax(score, axis=1)
