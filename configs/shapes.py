@@ -179,7 +179,13 @@ def get_config(arg=None):
   # 69.3 / 56.0 / 12.1% vs 65.4 / 44.0 / 10.5%.
   c.decoder.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                              learned_variance=False, loss_weight='v', loss_weight_cap=6.0)
-  c.decoder.sample = dict(sampler='ddim', steps=25, guidance_scale=3.0)
+  # Guidance only for t < 600 (Kynkäänniemi et al. 2024): guided from pure noise the decoder
+  # draws a third object. On runs/s16, 128 prompts a row (prior guidance 4): seen / held-out /
+  # two-object 67.7 / 48.7 / 12.1% against 67.2 / 47.4 / 9.0% guided at every step, two-object
+  # count 82% against 72%, CLIP FD 8.7 against 9.5, and 10 of the 25 steps without the
+  # doubled batch. Guidance 5 in the same interval scored 62.8 / 46.4 / 11.7%.
+  c.decoder.sample = dict(sampler='ddim', steps=25, guidance_scale=3.0,
+                          guidance_interval=(0, 600))
 
   # Upsampler: 32 -> 64 px, no attention, trained on 32 px crops of the 64 px images.
   c.upsampler = stage('upsampler', steps=1500, batch_size=16, lr=3e-4, ema_decay=0.999,
