@@ -17,7 +17,8 @@ Usage::
   # variance only; bits/dim), 'pred_x0' (stop-gradient x0 prediction).
 
   x0 = d.sample(model_fn, shape, rng, sampler='ddim', steps=64, eta=0.0,
-                guidance_scale=1.0, thresholding='none', x_T=None, spacing='trailing')
+                guidance_scale=1.0, guidance_interval=None, thresholding='none', x_T=None,
+                spacing='trailing')
 
 Conventions:
 * Timesteps given to models are always integers in the original T-step grid, also when a
@@ -25,14 +26,17 @@ Conventions:
   'trailing' (default, starts at T-1), 'leading', 'linspace' (both ends, the paper's
   "strided" sampling), or an explicit list).
 * Samplers: 'ddpm' (ancestral; learned variance is used when the model has it), 'ddim'
-  (`eta`), 'dpmpp_2m' (DPM-Solver++ 2M). Each is a single `lax.scan` over the steps, so
-  `jax.jit(lambda ...: d.sample(...))` compiles one program (one per step count).
+  (`eta`), 'dpmpp_2m' (DPM-Solver++ 2M). Each is a `lax.scan` over the steps (two or three
+  with a guidance interval), so `jax.jit(lambda ...: d.sample(...))` compiles one program
+  (one per step count).
 * Classifier-free guidance: with guidance_scale != 1 the model is called once per step on a
   doubled batch as model_fn(x_t, t, drop_cond=bool[2B]) (first half conditional, second half
   with the null conditioning; repeat your conditioning with `repeat_batch(cond, x.shape[0])`).
   The guided output is uncond + s * (cond - uncond) on the mean part (whatever the
   objective), the learned-variance half is taken from the conditional half. Use
   `classifier_free_guidance(model_fn, s, learned_variance)` to get the guided model_fn(x, t).
+  `guidance_interval=(lo, hi)` guides only the steps with lo <= t < hi; the others make one
+  conditional call on the plain batch.
 * Thresholding of x0 at every step: 'static' (clip to [-1, 1]) or 'dynamic' (Imagen,
   percentile 0.995), only for data in [-1, 1] (images), not embeddings.
 * Schedules are computed in float64 numpy and cast at use; losses and sampler state are
