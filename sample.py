@@ -143,7 +143,7 @@ def _check_mode_inputs(prompts):
 def _settings(unclip):
   """Config defaults, then --preset, then per-stage flags; validated against the stages."""
   from dalle2_jax import sampling  # pylint: disable=g-import-not-at-top
-  settings = unclip.default_settings()
+  settings = unclip.default_settings(_MODE.value)
   try:
     if _PRESET.value:
       settings = settings.with_preset(_PRESET.value)

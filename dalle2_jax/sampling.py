@@ -497,14 +497,22 @@ class UnCLIP:
     return ('clip', self.prior.name, self.decoder.name) + tuple(u.name for u in self.upsamplers)
 
   # --- settings ---------------------------------------------------------------------------
-  def default_settings(self) -> Settings:
-    """Each stage's `sample` config section."""
+  def default_settings(self, mode: str = 'generate') -> Settings:
+    """Each stage's `sample` config section, for `mode` (a sample.py mode or 'decode').
+
+    The decoder's num_candidates (CLIP reranking against the prompt) is a text-to-image
+    setting: every other mode draws one decoder sample unless its settings ask for more
+    (variations and decodes keep their variety, interpolation and text diffs their shared
+    noise, inpainting samples one image)."""
     def get(stage):
       return stage_sampling_from_config(stage.task.stage_config)
     prior = get(self.prior)
     prior = dataclasses.replace(prior, num_candidates=int(
         self.prior.task.stage_config.sample.get('num_candidates', 2)))
-    return Settings(prior=prior, decoder=get(self.decoder),
+    decoder = get(self.decoder)
+    if mode != 'generate':
+      decoder = dataclasses.replace(decoder, num_candidates=1)
+    return Settings(prior=prior, decoder=decoder,
                     upsamplers=tuple(get(u) for u in self.upsamplers))
 
   def validate(self, settings: Settings):
@@ -522,8 +530,8 @@ class UnCLIP:
         raise ValueError(f'{u.name}: num_candidates={s.num_candidates}, but only the prior '
                          'and the decoder choose among candidates; use 1.')
 
-  def _settings(self, settings: Settings | None) -> Settings:
-    settings = settings or self.default_settings()
+  def _settings(self, settings: Settings | None, mode: str = 'generate') -> Settings:
+    settings = settings or self.default_settings(mode)
     self.validate(settings)
     return settings
 
@@ -735,7 +743,7 @@ class UnCLIP:
     the noise of index i (index 0 for all when `same_noise`), so decoding the embeddings that
     `image_embeddings` returns gives the images `__call__` draws for the same seed.
     """
-    settings = self._settings(settings)
+    settings = self._settings(settings, 'decode')
     image_embeds = np.asarray(image_embeds, np.float32)
     n = len(image_embeds)
     tokens = self.tokenize(list(prompts) if prompts is not None else [''] * n)
@@ -787,7 +795,7 @@ class UnCLIP:
     `decode([embed_a], seed)` and `decode([embed_b], seed)`."""
     if frames < 2:
       raise ValueError(f'frames must be >= 2, got {frames}.')
-    settings = self._settings(settings)
+    settings = self._settings(settings, 'interpolate')
     za = self._endpoint_embed(a, 0, seed, settings)
     zb = self._endpoint_embed(b, 1, seed, settings)
     ts = np.linspace(0.0, 1.0, frames, dtype=np.float32)
@@ -803,7 +811,7 @@ class UnCLIP:
     """Text diffs (paper Fig. 5): the image's CLIP embedding rotated towards
     normalize(z_t(to_caption) - z_t(from_caption)) by slerp with angle fraction theta,
     decoded with the same noise. Returns uint8 [len(thetas), S, S, 3]."""
-    settings = self._settings(settings)
+    settings = self._settings(settings, 'text_diff')
     z_i = self.encode_image(self._as_images(image))[0]
     z_from, z_to = self.encode_text([from_caption, to_caption])
     thetas = np.asarray(thetas, np.float32)
@@ -852,7 +860,7 @@ class UnCLIP:
     embedding) and samples with RePaint resampling (`resample` passes per step, ddim or ddpm);
     the upsamplers then run as usual. Returns uint8 [num_images, S, S, 3].
     """
-    settings = self._settings(settings)
+    settings = self._settings(settings, 'inpaint')
     if settings.decoder.num_candidates != 1:
       raise ValueError('Inpainting draws one decoder sample per image; set the decoder '
                        f'num_candidates to 1, not {settings.decoder.num_candidates} '

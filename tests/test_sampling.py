@@ -216,3 +216,19 @@ def test_guidance_interval_reaches_prior_and_decoder(unclip):
       embed(sp.replace_stage('prior', guidance_interval=(0, 1))),
       embed(sp.replace_stage('prior', guidance_scale=1.0)))
   assert np.abs(embed(sp) - embed(s)).max() > 1e-4
+
+
+def test_decoder_reranking_is_a_text_to_image_default(workdir):
+  u = sampling.UnCLIP.from_workdir(workdir)
+  with u.decoder.task.stage_config.unlocked():
+    u.decoder.task.stage_config.sample.num_candidates = 3
+  assert u.default_settings().decoder.num_candidates == 3
+  for mode in ('decode', 'variations', 'interpolate', 'text_diff', 'inpaint'):
+    assert u.default_settings(mode).decoder.num_candidates == 1, mode
+  # The manipulations run on these defaults: inpainting (one sample per image) does not
+  # refuse, and interpolation's end frames are still the direct decodes.
+  image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  assert u.inpaint(image, np.ones((16, 16), bool), seed=1).shape == (1, 32, 32, 3)
+  frames = u.interpolate(image, image[::-1], frames=3, seed=2)
+  np.testing.assert_array_equal(frames[[0, -1]], u.decode(u.encode_image(
+      np.stack([image, image[::-1]])), seed=2, same_noise=True))
