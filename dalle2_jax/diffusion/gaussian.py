@@ -263,7 +263,7 @@ class GaussianDiffusion:
     guided_fn = (samplers.classifier_free_guidance(model_fn, guidance_scale,
                                                    self.learned_variance, guidance_interval)
                  if guided else model_fn)
-    is_guided = samplers.guided_steps(ts, guidance_interval) & guided
+    is_guided = samplers.guided_steps(np.asarray(ts), guidance_interval) & guided
     coefs = samplers.sampler_coefficients(self.alphas_cumprod, ts)
     xs = {k: jnp.asarray(v, jnp.int32 if k == 't' else bool if k == 'last' else dtype)
           for k, v in coefs.items()}

@@ -183,14 +183,12 @@ def dpmpp_2m_step(out, x, c, x0_before, *, objective: str, learned_variance: boo
   return x_prev, x0
 
 
-def guided_steps(ts, interval) -> np.ndarray:
-  """bool [len(ts)]: which timesteps `ts` (training grid) get guidance; interval = (lo, hi)
-  guides lo <= t < hi, None guides every step."""
-  ts = np.asarray(ts)
+def guided_steps(ts, interval):
+  """bool, shaped like `ts` (training-grid timesteps, numpy or jax): which get guidance;
+  interval = (lo, hi) guides lo <= t < hi, None guides every step."""
   if interval is None:
-    return np.ones(ts.shape, bool)
-  lo, hi = interval
-  return (ts >= lo) & (ts < hi)
+    return np.ones(np.shape(ts), bool)
+  return (ts >= interval[0]) & (ts < interval[1])
 
 
 def classifier_free_guidance(model_fn: Callable, guidance_scale, learned_variance: bool = False,
@@ -216,8 +214,7 @@ def classifier_free_guidance(model_fn: Callable, guidance_scale, learned_varianc
     uncond_mean, _ = split_output(uncond, learned_variance)
     s = jnp.asarray(guidance_scale, cond_mean.dtype)
     if interval is not None:
-      inside = (t >= interval[0]) & (t < interval[1])
-      s = jnp.where(inside, s, jnp.ones_like(s)).reshape((b,) + (1,) * (cond_mean.ndim - 1))
+      s = jnp.where(guided_steps(t, interval), s, jnp.ones_like(s)).reshape((b,) + (1,) * (cond_mean.ndim - 1))
     mean = uncond_mean + s * (cond_mean - uncond_mean)
     return mean if cond_v is None else jnp.concatenate([mean, cond_v], axis=-1)
   return guided
