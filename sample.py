@@ -88,6 +88,9 @@ _UPSAMPLE = flags.DEFINE_bool('upsample', True, 'Run the upsampler stages (--nou
                               'stop at the decoder\'s resolution).')
 _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype of every '
                            'stage (default: each stage\'s config).')
+_ATTENTION_IMPL = flags.DEFINE_enum(
+    'attention_impl', None, ['xla', 'cudnn'], "The prior's and decoder's attention (default: "
+    "each stage's config): 'cudnn' is cuDNN's fused flash attention, NVIDIA GPUs in bfloat16.")
 _OUTDIR = flags.DEFINE_string('outdir', 'samples', 'Where images, grid.png and samples.jsonl '
                               'go.')
 
@@ -191,7 +194,9 @@ def main(argv):
   t0 = time.time()
   try:
     unclip = sampling.UnCLIP.from_workdir(_WORKDIR.value, exports=exports,
-                                          dtype=_DTYPE.value, upsamplers=_UPSAMPLE.value)
+                                          dtype=_DTYPE.value,
+                                          attention_impl=_ATTENTION_IMPL.value,
+                                          upsamplers=_UPSAMPLE.value)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

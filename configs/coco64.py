@@ -83,6 +83,7 @@ def get_config(arg=None):
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
   c.prior.model = dict(width=1024, depth=16, heads=16, cond_drop_prob=0.1,
                        activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
+                       attention_impl='xla',   # 'cudnn': fused flash attention, NVIDIA GPUs
                        embed_norm='l2')   # 'l2' (x sqrt(dim)) or 'standardize'
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)
@@ -96,7 +97,8 @@ def get_config(arg=None):
       channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
       attention_resolutions=(32, 16, 8), head_channels=64, dropout=0.1, num_clip_tokens=4,
       text_encoder='clip',
-      image_embed_drop_prob=0.1, text_drop_prob=0.5, custom_conv_grad=True)
+      image_embed_drop_prob=0.1, text_drop_prob=0.5, custom_conv_grad=True,
+      attention_impl='xla')   # 'cudnn' on NVIDIA GPUs: 32 px attention without the logits
   c.decoder.diffusion = dict(schedule='cosine', timesteps=1000, objective='eps',
                              learned_variance=True, vlb_weight=0.001)
   c.decoder.sample = dict(sampler='ddim', steps=100, guidance_scale=3.0)

@@ -91,6 +91,7 @@ def get_config(arg=None):
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip/export of this run
   c.prior.model = dict(width=2048, depth=24, heads=32, mlp_dim=6144, cond_drop_prob=0.1,
                        activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
+                       attention_impl='xla',   # 'cudnn': fused flash attention, NVIDIA GPUs
                        embed_norm='l2')
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)
@@ -106,7 +107,8 @@ def get_config(arg=None):
       attention_resolutions=(32, 16, 8), head_channels=64, dropout=0.1, num_clip_tokens=4,
       text_encoder='own',   # GLIDE's text transformer, trained with the decoder
       text=dict(width=2048, depth=24, heads=32, vocab_size=49408),
-      image_embed_drop_prob=0.1, text_drop_prob=0.5, custom_conv_grad=False)
+      image_embed_drop_prob=0.1, text_drop_prob=0.5, custom_conv_grad=False,
+      attention_impl='xla')   # 'cudnn' on NVIDIA GPUs: 32 px attention without the logits
   c.decoder.diffusion = dict(schedule='cosine', timesteps=1000, objective='eps',
                              learned_variance=True, vlb_weight=0.001)
   c.decoder.sample = dict(sampler='ddpm', steps=250, spacing='linspace', guidance_scale=1.25)

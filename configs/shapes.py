@@ -123,6 +123,7 @@ def get_config(arg=None):
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
   c.prior.model = dict(width=128, depth=2, heads=4, cond_drop_prob=0.1,
                        activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
+                       attention_impl='xla',     # 'cudnn': fused, NVIDIA GPUs in bfloat16
                        embed_norm='standardize',   # 'l2' (x sqrt(dim)) or 'standardize'
                        stats_examples=4096)        # standardize: training examples used
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
@@ -162,6 +163,7 @@ def get_config(arg=None):
       # about one standard error.
       clip_embed_map=True,
       text_encoder='clip', image_embed_drop_prob=0.1, text_drop_prob=0.5,
+      attention_impl='xla',     # 'cudnn': fused, NVIDIA GPUs in bfloat16
       custom_conv_grad=False)   # True: hand-written CPU conv gradient (bench/conv_grad.py)
   # The paper's decoder predicts eps with a learned variance (configs/dalle2_paper.py). At
   # this training length eps is not accurate enough near t = T, where

@@ -88,6 +88,7 @@ def get_config(arg=None):
   c.prior.image_size = 32        # = clip.image_size: images only go through the frozen CLIP
   c.prior.model = dict(width=32, depth=1, heads=2, cond_drop_prob=0.1,
                        activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
+                       attention_impl='xla',   # 'cudnn': fused, NVIDIA GPUs in bfloat16
                        embed_norm='l2',        # 'l2' (x sqrt(dim)) or 'standardize'
                        stats_examples=4096)    # standardize: training examples for mean/std
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
@@ -102,7 +103,7 @@ def get_config(arg=None):
   c.decoder.model = dict(
       channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
       head_channels=8, dropout=0.0, num_clip_tokens=4, text_encoder='clip',
-      image_embed_drop_prob=0.1, text_drop_prob=0.5,
+      image_embed_drop_prob=0.1, text_drop_prob=0.5, attention_impl='xla',
       custom_conv_grad=False)   # True: hand-written CPU conv gradient (bench/conv_grad.py)
   c.decoder.diffusion = dict(schedule='cosine', timesteps=1000, objective='eps',
                              learned_variance=True, vlb_weight=0.001)

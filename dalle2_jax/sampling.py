@@ -344,12 +344,17 @@ def _with_other_exported_stages(config, export_dirs):
   return config
 
 
-def _with_dtype(config, stage: str, dtype: str):
-  """A copy of `config` with config[stage].dtype = dtype ('float32' or 'bfloat16')."""
-  if dtype not in ('float32', 'bfloat16'):
+def _with_overrides(config, stage: str, dtype: str | None, attention_impl: str | None):
+  """A copy of `config` with config[stage].dtype = dtype ('float32' or 'bfloat16') and, for
+  stages with attention, config[stage].model.attention_impl = attention_impl; None keeps
+  the config's."""
+  if dtype not in (None, 'float32', 'bfloat16'):
     raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
   config = ml_collections.ConfigDict(config.to_dict())
-  config[stage].dtype = dtype
+  if dtype is not None:
+    config[stage].dtype = dtype
+  if attention_impl is not None and config[stage].get('task', stage) in ('prior', 'decoder'):
+    config[stage].model.attention_impl = attention_impl
   return config
 
 
@@ -418,17 +423,24 @@ class UnCLIP:
   @classmethod
   def from_workdir(cls, workdir: str | None = None, exports: dict[str, str] | None = None,
                    devices=None, dtype: str | None = None,
+                   attention_impl: str | None = None,
                    upsamplers: bool = True) -> 'UnCLIP':
     """Loads every stage of a run from <workdir>/<stage>/export (or `exports[stage]`).
 
     Each export carries the config it was trained with; `dtype` ('float32' or 'bfloat16')
-    overrides every stage's compute dtype; `upsamplers=False` stops at the decoder's
-    resolution. A missing stage raises FileNotFoundError naming the stage and the command
-    that trains it.
+    overrides every stage's compute dtype, `attention_impl` ('xla' or 'cudnn', see
+    models/layers.py) the prior's and decoder's attention; `upsamplers=False` stops at the
+    decoder's resolution. A missing stage raises FileNotFoundError naming the stage and the
+    command that trains it.
     """
     from dalle2_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
     from dalle2_jax.training import export  # pylint: disable=g-import-not-at-top
     exports = dict(exports or {})
+    if attention_impl is not None:   # the flag's own error, before anything loads
+      from dalle2_jax.models import layers  # pylint: disable=g-import-not-at-top
+      layers.check_attention_impl(attention_impl, jnp.float32 if dtype == 'float32'
+                                  else jnp.bfloat16, field='--attention_impl',
+                                  dtype_field='--dtype')
     config = _reference_config(workdir, exports)
     stages = list(config.stages)
     by_task: dict[str, list[str]] = {}
@@ -452,8 +464,8 @@ class UnCLIP:
       stage_config, exported_stage, params = export.load_export(directory)
       if exported_stage != stage:
         raise ValueError(f'{directory} holds stage {exported_stage!r}, not {stage!r}.')
-      if dtype is not None:
-        stage_config = _with_dtype(stage_config, stage, dtype)
+      if dtype is not None or attention_impl is not None:
+        stage_config = _with_overrides(stage_config, stage, dtype, attention_impl)
       return stage_config, jax.tree.map(jnp.asarray, params), str(directory)
 
     prior_name, decoder_name = by_task['prior'][0], by_task['decoder'][0]

@@ -111,3 +111,89 @@ def test_activations(name):
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match='activation'):
     layers.get_activation('swish')
+
+
+@pytest.mark.parametrize('mask_shape', [None, (2, 1, 1, 9), (2, 1, 5, 9), (2, 3, 5, 9)])
+def test_attend_fused_arguments_match_ours_in_float32(mask_shape):
+  """The fused path's arguments (q, k, v in the compute dtype, the mask broadcast over every
+  query row) through jax's generic XLA implementation give our float32 attention and its
+  gradients exactly, for the mask shapes MultiHeadAttention makes."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 8)), jnp.float32) for n in (5, 9, 9))
+  mask = None if mask_shape is None else jnp.asarray(rng.random(mask_shape) < 0.7)
+  if mask is not None:
+    mask = mask.at[..., 0].set(True)
+  f = lambda fused: lambda q, k, v: layers.attend(  # noqa: E731
+      q, k, v, mask, jnp.float32, fused=fused)
+  w = jnp.asarray(rng.normal(size=(2, 5, 3, 8)), jnp.float32)
+  for a, b in zip((f(None)(q, k, v),) + jax.grad(lambda *a: jnp.sum(f(None)(*a) * w),
+                                                 (0, 1, 2))(q, k, v),
+                  (f('xla')(q, k, v),) + jax.grad(lambda *a: jnp.sum(f('xla')(*a) * w),
+                                                  (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('case', ['prior', 'unet', 'no_mask'])
+def test_fused_attention_path_matches_ours(cudnn_attention_on_cpu, case):
+  """attention_impl='cudnn' hands q, k, v and the mask to jax.nn.dot_product_attention.
+  Its XLA implementation, given the same arguments (conftest's cudnn_attention_on_cpu), must
+  give our bfloat16 outputs and gradients for the masks the models make: causal + key
+  padding + a masked context and one output row (the prior), a padded context in front of
+  unmasked pixels (the decoder UNet), none."""
+  dtype = jnp.bfloat16
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
+  kw, call = {}, {}
+  if case == 'prior':
+    make = lambda impl: layers.Transformer(  # noqa: E731
+        width=16, depth=2, num_heads=2, causal=True, attention_impl=impl, dtype=dtype)
+    kw = dict(mask=jnp.array([[1, 1, 1, 1, 0, 1, 1], [1] * 7], bool),
+              context=jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32),
+              context_mask=jnp.array([[1, 1, 0], [1, 0, 0]], bool))
+    call = dict(num_outputs=1)
+  else:
+    make = lambda impl: layers.MultiHeadAttention(  # noqa: E731
+        num_heads=2, attention_impl=impl, dtype=dtype)
+    if case == 'unet':
+      kw = dict(context=jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32),
+                context_mask=jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool))
+  weights = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
+  results = []
+  for impl in ('xla', 'cudnn'):
+    model = make(impl)
+    params = model.init(jax.random.PRNGKey(0), x, **kw)
+    loss = lambda p, x, m=model: jnp.sum(  # noqa: E731
+        m.apply(p, x, **kw, **call).astype(jnp.float32) @ weights)
+    results.append((model.apply(params, x, **kw, **call), jax.grad(loss, (0, 1))(params, x)))
+  assert set(cudnn_attention_on_cpu) == {None, 'cudnn'}
+  ours, fused = results
+  tol = dict(rtol=5e-2, atol=5e-2)
+  assert ours[0].dtype == fused[0].dtype
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(fused)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+  # The padded context keys are invisible on the fused path too.
+  if case == 'unet':
+    moved = dict(kw, context=kw['context'].at[1, 1:].set(50.0))
+    np.testing.assert_allclose(model.apply(params, x, **moved)[1], fused[0][1], **tol)
+
+
+def test_attention_impl_errors_name_the_field(monkeypatch):
+  check = layers.check_attention_impl
+  with pytest.raises(ValueError, match=r"decoder.model.attention_impl='flash'; choose one"):
+    check('flash', jnp.float32, field='config.decoder.model.attention_impl')
+  check('xla', jnp.float32)
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match="runs on NVIDIA GPUs only.*attention_impl='xla'"):
+      check('cudnn', jnp.bfloat16)
+    x = jnp.zeros((1, 3, 8))
+    attn = layers.MultiHeadAttention(num_heads=2, attention_impl='cudnn', dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match='NVIDIA GPUs only'):
+      attn.init(jax.random.PRNGKey(0), x)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(ValueError, match=r"needs bfloat16 or float16 compute, got float32: "
+                                       r"set config.prior.dtype='bfloat16'"):
+    check('cudnn', jnp.float32, field='config.prior.model.attention_impl',
+          dtype_field='config.prior.dtype')
+  with pytest.raises(ValueError, match='multiple of 8 and at most 128, got 12'):
+    check('cudnn', jnp.bfloat16, head_dim=12)
+  check('cudnn', jnp.float16, head_dim=64)

@@ -90,6 +90,11 @@ def test_config_errors():
   c = make_config(text_drop_prob=1.5)
   with pytest.raises(ValueError, match='text_drop_prob'):
     decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=random_clip(c))
+  if jax.default_backend() != 'gpu':
+    c = make_config(attention_impl='cudnn')
+    with pytest.raises(ValueError, match=r"config.decoder.model.attention_impl='cudnn' runs "
+                                         'on NVIDIA GPUs only'):
+      decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=random_clip(c))
   c = make_config()
   with pytest.raises(FileNotFoundError, match='CLIP'):
     decoder_task.DecoderTask(c, 'decoder', '/tmp/no_such_workdir')

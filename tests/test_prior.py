@@ -197,6 +197,34 @@ def test_activation_from_config(clip_workdir):
     prior_task.PriorTask(c, 'prior', clip_workdir).init(jax.random.PRNGKey(1), batch)
 
 
+def test_attention_impl_reaches_every_layer(cudnn_attention_on_cpu):
+  """attention_impl='cudnn' sends each transformer layer of the prior to the fused path
+  (conftest's cudnn_attention_on_cpu), in bfloat16, with the prior's causal and padding
+  masks, and gives the outputs of XLA's attention."""
+  kw = dict(embed_dim=8, width=16, depth=3, num_heads=2, context_length=5, text_width=12,
+            dtype=jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  args = (rng.normal(size=(2, 8)), np.array([3, 900]), rng.normal(size=(2, 8)),
+          rng.normal(size=(2, 5, 12)), np.array([[1, 1, 1, 0, 0]] * 2, bool))
+  net = prior_lib.PriorTransformer(**kw, attention_impl='cudnn')
+  params = net.init(jax.random.PRNGKey(0), *args)
+  assert cudnn_attention_on_cpu == ['cudnn'] * 3
+  ours = prior_lib.PriorTransformer(**kw).apply(params, *args)
+  np.testing.assert_allclose(np.asarray(net.apply(params, *args), np.float32),
+                             np.asarray(ours, np.float32), rtol=5e-2, atol=5e-2)
+
+
+def test_attention_impl_from_config(clip_workdir):
+  """model.attention_impl reaches the transformer's attention and is checked when the task
+  is built, naming the field."""
+  c = make_config()
+  assert prior_task.PriorTask(c, 'prior', clip_workdir).model().attention_impl == 'xla'
+  with c.unlocked():
+    c.prior.model.attention_impl = 'flash'
+  with pytest.raises(ValueError, match=r"config.prior.model.attention_impl='flash'; choose"):
+    prior_task.PriorTask(c, 'prior', clip_workdir)
+
+
 def test_candidates_best_of_n_and_guidance(clip_workdir):
   task = prior_task.PriorTask(make_config(), 'prior', clip_workdir)
   batch = _random_batch(4)

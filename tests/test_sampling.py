@@ -112,6 +112,27 @@ def test_missing_stage_names_the_stage_and_command(workdir, tmp_path):
   assert u.decoder.name == 'decoder'
 
 
+def test_attention_impl_override(workdir, request):
+  """attention_impl='cudnn' reaches the prior's and decoder's attention (conftest's
+  cudnn_attention_on_cpu) and gives the images of XLA's attention in the same dtype; off a
+  GPU it is refused before anything loads, naming the flag."""
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match="--attention_impl='cudnn' runs on NVIDIA GPUs only"):
+      sampling.UnCLIP.from_workdir(workdir, attention_impl='cudnn')
+  prompts = ['a large red circle in the top left', 'a small blue square']
+  settings = dict(seed=1, num_images_per_prompt=1)
+  ours = sampling.UnCLIP.from_workdir(workdir, dtype='bfloat16')(prompts, **settings)
+  calls = request.getfixturevalue('cudnn_attention_on_cpu')
+  unclip = sampling.UnCLIP.from_workdir(workdir, dtype='bfloat16', attention_impl='cudnn')
+  assert unclip.decoder.task.stage_config.model.attention_impl == 'cudnn'
+  assert unclip.prior.task.stage_config.model.attention_impl == 'cudnn'
+  fused = unclip(prompts, **settings)
+  assert calls.count('cudnn') >= 2 and None in calls   # CLIP keeps its own attention
+  # bfloat16 attention outputs differ in rounding only: uint8 pixels within a few levels.
+  diff = np.abs(fused.astype(int) - ours.astype(int))
+  assert diff.mean() < 4, diff.mean()
+
+
 def test_stages_trained_by_separate_narrowed_commands_load_together(workdir, tmp_path):
   """train.py --config.stages="('clip','prior')", then "('decoder','upsampler')"."""
   split = str(tmp_path / 'split')

@@ -196,3 +196,20 @@ def test_params_shard_over_fsdp():
   kernel = params['params']['unet']['down_1_res_0']['in_conv']['kernel'].value
   assert tuple(kernel.sharding.spec) == (None, None, None, 'fsdp')
   assert kernel.addressable_shards[0].data.shape == (3, 3, 8, 2)
+
+
+def test_attention_impl_reaches_every_attention_layer(cudnn_attention_on_cpu):
+  """UNet.attention_impl='cudnn' sends each attention layer (the UNet's and the decoder's own
+  caption transformer's) to the fused path (conftest's cudnn_attention_on_cpu)."""
+  calls = cudnn_attention_on_cpu
+  dec = unet.Decoder(unet=_unet(attention_impl='cudnn', dtype=jnp.bfloat16), num_clip_tokens=2,
+                     text_encoder='own', text=dict(width=16, depth=2, heads=2, vocab_size=50,
+                                                   context_length=6), dtype=jnp.bfloat16)
+  x, t = jnp.zeros((2, 8, 8, 3)), jnp.array([10, 700])
+  tokens = jnp.array([[3, 4, 5, 0, 0, 0], [7, 8, 0, 0, 0, 0]], jnp.int32)
+  params = dec.init(jax.random.PRNGKey(1), x, t, jnp.zeros((2, 16)), tokens=tokens)
+  # Attention at 4 px: down, middle and up blocks of that level; 2 caption layers.
+  n_unet = sum(('attn' in k) for k in nn.unbox(params)['params']['unet'])
+  assert n_unet >= 3 and calls == ['cudnn'] * (n_unet + 2)
+  out = dec.apply(params, x, t, jnp.ones((2, 16)), tokens=tokens)
+  assert out.shape == (2, 8, 8, 6) and np.isfinite(np.asarray(out, np.float32)).all()

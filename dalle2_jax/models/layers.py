@@ -22,7 +22,13 @@ logical axis names ('embed', 'mlp', 'heads', 'kv') that the engine maps to mesh 
 
 Attention logits and softmax are computed in float32 whatever `dtype` is; masked logits
 are set to the most negative float32, so a fully masked row gives a uniform (not NaN)
-distribution.
+distribution. That is `attention_impl='xla'`, the default: XLA materialises the logits,
+[B, heads, Lq, Lk] in float32. `attention_impl='cudnn'` (NVIDIA GPUs, bfloat16 or float16)
+runs cuDNN's fused flash attention through `jax.nn.dot_product_attention` instead, which
+keeps no logits in memory (they were what filled an 80 GB H100 at the GPU decoder's 32 px
+attention, bench/matched.py); masks become an additive bias over every query row there.
+Not yet run on a GPU by this project: tests check, on CPU, that jax's generic path given
+the same arguments matches 'xla'.
 
 Masks are booleans, True = may attend. `mask` is either a key padding mask [B, Lk] or a
 full mask broadcastable to [B, heads, Lq, Lk]; it is combined (logical and) with the causal
@@ -156,6 +162,53 @@ def LayerNorm(epsilon: float = 1e-5, dtype: Dtype = jnp.float32,  # pylint: disa
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
 
 
+ATTENTION_IMPLS = ('xla', 'cudnn')
+
+
+def check_attention_impl(impl: str, dtype: Dtype, head_dim: int | None = None,
+                         field: str = 'model.attention_impl',
+                         dtype_field: str = 'dtype') -> None:
+  """Raises a ValueError naming config `field` (and `dtype_field`) unless `impl` can run
+  here in `dtype` with heads of `head_dim`."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'{field}={impl!r}; choose one of {ATTENTION_IMPLS}.')
+  if impl != 'cudnn':
+    return
+  if jax.default_backend() != 'gpu':
+    raise ValueError(f"{field}='cudnn' runs on NVIDIA GPUs only (this backend is "
+                     f"{jax.default_backend()!r}); set {field}='xla'.")
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"{field}='cudnn' needs bfloat16 or float16 compute, got "
+                     f"{jnp.dtype(dtype).name}: set {dtype_field}='bfloat16' or {field}='xla'.")
+  if head_dim is not None and (head_dim % 8 or head_dim > 128):
+    raise ValueError(f"{field}='cudnn' needs a head size that is a multiple of 8 and at "
+                     f"most 128, got {head_dim}; change the heads or set {field}='xla'.")
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype,
+           fused: str | None = None) -> Array:
+  """softmax(q k^T / sqrt(D)) v with `mask` (bool, broadcastable to [B, H, Lq, Lk]):
+  q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D] in `dtype`.
+
+  fused: None computes the float32 logits here (MultiHeadAttention's 'xla'); otherwise the
+  `implementation` of `jax.nn.dot_product_attention` ('cudnn'; 'xla' is its generic path),
+  which takes q, k and v in `dtype` and the mask as a bias over every query row.
+  """
+  scale = q.shape[-1] ** -0.5
+  if fused is not None:
+    if mask is not None:
+      b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+      mask = jnp.broadcast_to(mask, (b, mask.shape[1], lq, lk))
+    return jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                        mask=mask, scale=scale, implementation=fused)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32) * scale,
+                      k.astype(jnp.float32))
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.einsum('bhqk,bkhd->bhqd', probs, v).transpose(0, 2, 1, 3)
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head dot-product self-attention, optionally also attending to a context.
 
@@ -166,6 +219,8 @@ class MultiHeadAttention(nn.Module):
     use_bias: biases on the q/k/v/out projections.
     causal: apply a causal mask over the sequence's own keys.
     kernel_std: std of the normal kernel init (None = lecun normal).
+    attention_impl: 'xla' (float32 logits in memory) or 'cudnn' (fused, NVIDIA GPUs in
+      bfloat16/float16); see the module docstring.
   """
   num_heads: int
   head_dim: int | None = None
@@ -173,6 +228,7 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   causal: bool = False
   kernel_std: float | None = None
+  attention_impl: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -220,13 +276,9 @@ class MultiHeadAttention(nn.Module):
         mask = jnp.concatenate([jnp.broadcast_to(cmask, shape + (lc,)),
                                 jnp.broadcast_to(smask, shape + (seq_len,))], axis=-1)
 
-    scale = head_dim ** -0.5
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32) * scale,
-                        k.astype(jnp.float32))
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bhqd', probs, v).transpose(0, 2, 1, 3)
+    check_attention_impl(self.attention_impl, self.dtype, head_dim)
+    out = attend(q, k, v, mask, self.dtype,
+                 fused='cudnn' if self.attention_impl == 'cudnn' else None)
     return HeadsOut(features=self.out_features or width, use_bias=self.use_bias,
                     kernel_std=self.kernel_std, dtype=self.dtype,
                     param_dtype=self.param_dtype, name='out')(out)
@@ -266,6 +318,7 @@ class ResidualBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   num_queries: int | None = None   # only the last n positions' outputs (MultiHeadAttention)
+  attention_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, context: Array | None = None,
@@ -277,7 +330,8 @@ class ResidualBlock(nn.Module):
       x = x[:, x.shape[1] - self.num_queries:]
     x = x + MultiHeadAttention(
         num_heads=self.num_heads, causal=self.causal, kernel_std=self.kernel_std,
-        dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='attn')(
             h, mask=mask, context=context, context_mask=context_mask,
             num_queries=self.num_queries)
     h = ln(name='ln_2')(x)
@@ -293,6 +347,7 @@ class Transformer(nn.Module):
     width: not a parameter of the modules (taken from the input), checked against it.
     mlp_dim: hidden units of each MLP; default 4 * width.
     remat: rematerialise each block in the backward pass (saves activation memory).
+    attention_impl: MultiHeadAttention's ('xla' or 'cudnn').
   """
   width: int
   depth: int
@@ -303,6 +358,7 @@ class Transformer(nn.Module):
   layer_norm_eps: float = 1e-5
   kernel_std: float | None = None
   remat: bool = False
+  attention_impl: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -320,8 +376,8 @@ class Transformer(nn.Module):
                 activation=self.activation, causal=self.causal,
                 layer_norm_eps=self.layer_norm_eps, kernel_std=self.kernel_std,
                 num_queries=num_outputs if i == self.depth - 1 else None,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f'layers_{i}')(
-                    x, mask, context, context_mask)
+                attention_impl=self.attention_impl, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f'layers_{i}')(x, mask, context, context_mask)
     return x
 
 

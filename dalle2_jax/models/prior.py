@@ -59,6 +59,7 @@ class PriorTransformer(nn.Module):
       (GPT-2's tanh form of GELU): XLA:CPU's erf made a prior step 4-5% slower. The default
       stays 'gelu' (erf), which priors trained before the config field existed used.
     remat: rematerialise the transformer blocks.
+    attention_impl: the transformer's attention, 'xla' or 'cudnn' (layers.MultiHeadAttention).
   """
   embed_dim: int
   width: int
@@ -69,6 +70,7 @@ class PriorTransformer(nn.Module):
   mlp_dim: int | None = None
   activation: str = 'gelu'
   remat: bool = False
+  attention_impl: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -119,8 +121,9 @@ class PriorTransformer(nn.Module):
     mask = jnp.concatenate([text_mask, jnp.ones((b, 4), jnp.bool_)], axis=1)
     h = layers.Transformer(
         width=self.width, depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        activation=self.activation, causal=True, remat=self.remat, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='transformer')(seq, mask=mask, num_outputs=1)
+        activation=self.activation, causal=True, remat=self.remat,
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='transformer')(seq, mask=mask, num_outputs=1)
     h = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                          name='ln_final')(h[:, -1])
     out = dense(self.embed_dim, ('embed', 'mlp'), name='head')(h)

@@ -214,6 +214,7 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
   """Self-attention over the feature map, optionally also attending to context tokens."""
   head_channels: int
+  attention_impl: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -226,8 +227,9 @@ class AttentionBlock(nn.Module):
                        f'{self.head_channels} (config model.head_channels).')
     y = group_norm(c, self.dtype, self.param_dtype, 'norm')(x).reshape(b, h * w, c)
     y = layers.MultiHeadAttention(
-        num_heads=c // self.head_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='attn')(y, context=context, context_mask=context_mask)
+        num_heads=c // self.head_channels, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
+            y, context=context, context_mask=context_mask)
     return x + y.reshape(b, h, w, c).astype(x.dtype)
 
 
@@ -245,6 +247,7 @@ class UNet(nn.Module):
     dropout: dropout rate inside residual blocks.
     remat: rematerialise every block in the backward pass.
     custom_conv_grad: fast hand-written convolution gradients on CPU.
+    attention_impl: the attention layers' 'xla' or 'cudnn' (layers.MultiHeadAttention).
   """
   channels: int
   out_channels: int = 3
@@ -255,6 +258,7 @@ class UNet(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   custom_conv_grad: bool = True
+  attention_impl: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -282,7 +286,8 @@ class UNet(nn.Module):
     attn_block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
     res = functools.partial(res_block, dropout=self.dropout, deterministic=not train,
                             custom_conv_grad=self.custom_conv_grad, **kw)
-    attn = functools.partial(attn_block, head_channels=self.head_channels, **kw)
+    attn = functools.partial(attn_block, head_channels=self.head_channels,
+                             attention_impl=self.attention_impl, **kw)
 
     emb = layers.timestep_embedding(t, self.channels)
     emb = dense(self.emb_dim, ('embed', 'mlp'), self.dtype, self.param_dtype,
@@ -348,6 +353,7 @@ class TextEncoder(nn.Module):
   vocab_size: int = 49408
   context_length: int = 77
   remat: bool = False
+  attention_impl: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -367,7 +373,8 @@ class TextEncoder(nn.Module):
                      (self.context_length, self.width), self.param_dtype)
     x = x + pos[None, :tokens.shape[1]].astype(self.dtype)
     x = layers.Transformer(width=self.width, depth=self.depth, num_heads=self.heads,
-                           remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
+                           remat=self.remat, attention_impl=self.attention_impl,
+                           dtype=self.dtype, param_dtype=self.param_dtype,
                            name='transformer')(x, mask=mask)
     x = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='ln_final')(x)
     return x, mask
@@ -413,7 +420,9 @@ class Decoder(nn.Module):
         raise ValueError("Decoder with text_encoder='own' needs `tokens`.")
       text_encodings, text_mask = TextEncoder(**(self.text or {}), dtype=self.dtype,
                                               param_dtype=self.param_dtype,
-                                              remat=self.unet.remat, name='text')(tokens)
+                                              remat=self.unet.remat,
+                                              attention_impl=self.unet.attention_impl,
+                                              name='text')(tokens)
     elif self.text_encoder != 'clip':
       raise ValueError(f"Unknown decoder text_encoder {self.text_encoder!r}: use 'clip' "
                        "(frozen CLIP text tower) or 'own' (config decoder.model.text_encoder).")
@@ -492,5 +501,6 @@ def unet_from_config(model_config, out_channels: int, remat: bool = False,
               channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
               attention_resolutions=tuple(m.attention_resolutions),
               head_channels=m.head_channels, dropout=m.dropout, remat=remat,
-              custom_conv_grad=m.get('custom_conv_grad', True), dtype=dtype,
+              custom_conv_grad=m.get('custom_conv_grad', True),
+              attention_impl=m.get('attention_impl', 'xla'), dtype=dtype,
               param_dtype=param_dtype)

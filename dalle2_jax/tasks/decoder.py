@@ -44,6 +44,7 @@ import numpy as np
 from dalle2_jax import diffusion as diffusion_lib
 from dalle2_jax.models import clip as clip_lib
 from dalle2_jax.models import flops as flops_lib
+from dalle2_jax.models import layers
 from dalle2_jax.models import unet as unet_lib
 from dalle2_jax.tasks import base
 from dalle2_jax.tasks import recolour as recolour_lib
@@ -91,6 +92,9 @@ def build_decoder(config, stage: str = 'decoder') -> unet_lib.Decoder:
   dtype = stage_dtype(config, stage)
   net = unet_lib.unet_from_config(m, out_channels=6 if learned else 3,
                                   remat=bool(sc.get('remat', False)), dtype=dtype)
+  layers.check_attention_impl(net.attention_impl, dtype,
+                              field=f'config.{stage}.model.attention_impl',
+                              dtype_field=f'config.{stage}.dtype')
   return unet_lib.Decoder(
       unet=net, num_clip_tokens=int(m.get('num_clip_tokens', 4)),
       clip_embed_map=bool(m.get('clip_embed_map', False)),

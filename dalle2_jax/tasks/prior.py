@@ -41,6 +41,7 @@ import numpy as np
 
 from dalle2_jax import diffusion as diffusion_lib
 from dalle2_jax.models import clip as clip_lib
+from dalle2_jax.models import layers
 from dalle2_jax.models import prior as prior_lib
 from dalle2_jax.tasks import base
 
@@ -101,7 +102,11 @@ class PriorTask(base.Task):
         num_heads=int(m.heads), context_length=self.context_length,
         text_width=self.text_width, mlp_dim=m.get('mlp_dim', None),
         activation=m.get('activation', 'gelu'),   # older priors' configs lack the field
-        remat=bool(sc.get('remat', False)), dtype=DTYPES[dtype_name])
+        remat=bool(sc.get('remat', False)),
+        attention_impl=m.get('attention_impl', 'xla'), dtype=DTYPES[dtype_name])
+    layers.check_attention_impl(self._model.attention_impl, self._model.dtype,
+                                field=f'config.{stage}.model.attention_impl',
+                                dtype_field=f'config.{stage}.dtype')
     self.stats = None
     if self.embed_norm == 'standardize':
       if stats is None:
