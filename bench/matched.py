@@ -179,13 +179,18 @@ SAMPLING = {s['name']: s for s in (
 )}
 
 
-# --- GPU (ours only; bfloat16 compute, float32 params and optimizer state) -------------------
+# --- GPU (ours only; bfloat16 compute, float32 parameters and optimizer state) ---------------
 # Sizes of configs/coco64.py (the GPU recipe) and the paper's prior, at batches that keep an
 # 80 GB H100 busy. MFU is against a bfloat16 8192^3 matmul measured in the same process.
+# Attention is cuDNN's fused kernel (`attention_impl='cudnn'`), convolution gradients cuDNN's.
 def _gpu(spec, dtype='bfloat16'):
   spec = dict(spec, ours=dict(spec['ours'], dtype=dtype), peer=None)
-  if 'custom_conv_grad' in spec['ours'].get('model', {}):
-    spec['ours']['model'] = dict(spec['ours']['model'], custom_conv_grad=False)   # cuDNN's
+  model = dict(spec['ours'].get('model', {}))
+  if 'custom_conv_grad' in model:
+    model['custom_conv_grad'] = False
+  if spec['kind'] in ('prior', 'decoder'):
+    model['attention_impl'] = 'cudnn'
+  spec['ours']['model'] = model
   return spec
 
 
@@ -198,8 +203,9 @@ _GPU_TRAIN = (
              channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(16, 8),
              head_channels=64, embed_dim=512, text_width=512, peer_heads=8, steps=20,
              warmup=5),
-    # Batch 128 ran out of memory on an 80 GB H100 (a 49.8 GiB allocation: the float32
-    # attention logits at 32 px, 1024 tokens); 64 is untried.
+    # Batch 128 ran out of memory on an 80 GB H100 with XLA's attention (a 49.8 GiB
+    # allocation: the float32 attention logits at 32 px, 1024 tokens); 64, and cuDNN's fused
+    # attention, which keeps no logits, are untried.
     _decoder('decoder_gpu_m', 'gpu_m', batch=64, image_size=64, channels=192,
              channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_resolutions=(32, 16, 8),
              head_channels=64, embed_dim=512, text_width=512, peer_heads=12, steps=20,
@@ -215,7 +221,7 @@ GPU_TRAIN_STEP_CONFIGS = [c['name'] for c in _GPU_TRAIN]
 # CLIP); the prior is prior_gpu_m's width and depth.
 _GPU_DEC, _GPU_UPS = CONFIGS['decoder_gpu_m']['ours'], CONFIGS['upsampler_gpu_m']['ours']
 _GPU_CLIP = _GPU_DEC['clip']
-_GPU_PRIOR = dict(width=1024, depth=16, heads=16)
+_GPU_PRIOR = dict(width=1024, depth=16, heads=16, attention_impl='cudnn')
 _GPU_DECODER = dict(image_size=_GPU_DEC['image_size'], model=_GPU_DEC['model'])
 _GPU_UP = dict(low_res=_GPU_UPS['low_res'], high_res=_GPU_UPS['high_res'],
                model=_GPU_UPS['model'])
