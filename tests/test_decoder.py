@@ -111,12 +111,15 @@ def test_tiny_decoder_overfits_a_fixed_batch(shapes):
   embeddings of black-background images are nearly parallel (cosine ~0.99), so the batch's
   embeddings are standardised per dimension (as precomputed embeddings would be with
   Karlo-style statistics) and given as `clip_image_embed`. No guidance drops, so memorising
-  is quick. The objective is the shapes default's, x0 (in 600 steps v got 3 of 6 shapes
-  right and x0 with a learned variance 4; eps samples noise from t = 999 at this length:
-  configs/shapes.py).
+  is quick. The objective and weighting are the shapes default's, x0 weighted as v capped at
+  6 (in 600 steps v got 3 of 6 shapes right and x0 with a learned variance 4; eps samples
+  noise from t = 999 at this length: configs/shapes.py). Uniformly weighted x0 got 3-6 of 6
+  over six sampling keys on an AMD EPYC (4 with the key below, so this test failed there);
+  capped v got 5-6 on all six.
   """
   c = make_config(image_embed_drop_prob=0.0, text_drop_prob=0.0)
-  c.decoder.diffusion.update(objective='x0', learned_variance=False)
+  c.decoder.diffusion.update(objective='x0', learned_variance=False, loss_weight='v',
+                             loss_weight_cap=6.0)
   frozen = random_clip(c)
   task = decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=frozen)
   images = jnp.asarray(shapes['image'].astype(np.float32) / 127.5 - 1.0)
