@@ -214,7 +214,8 @@ def classifier_free_guidance(model_fn: Callable, guidance_scale, learned_varianc
     uncond_mean, _ = split_output(uncond, learned_variance)
     s = jnp.asarray(guidance_scale, cond_mean.dtype)
     if interval is not None:
-      s = jnp.where(guided_steps(t, interval), s, jnp.ones_like(s)).reshape((b,) + (1,) * (cond_mean.ndim - 1))
+      s = jnp.where(guided_steps(t, interval), s, jnp.ones_like(s))
+      s = s.reshape((b,) + (1,) * (cond_mean.ndim - 1))
     mean = uncond_mean + s * (cond_mean - uncond_mean)
     return mean if cond_v is None else jnp.concatenate([mean, cond_v], axis=-1)
   return guided
