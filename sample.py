@@ -215,7 +215,7 @@ def main(argv):
   common = dict(seed=seed, settings=settings, progress=_progress,
                 batch_size=_BATCH_SIZE.value or None)
   base = {'mode': mode, 'seed': seed, 'settings': settings.to_dict(),
-          'dtype': unclip.dtypes}
+          'dtype': unclip.dtypes, 'attention_impl': unclip.attention_impls}
   records, ncols = [], None
   if mode == 'generate':
     images = unclip(prompts, num_images_per_prompt=num, **common)

@@ -505,6 +505,12 @@ class UnCLIP:
     return {s.name: str(s.task.stage_config.get('dtype', 'float32')) for s in stages}
 
   @property
+  def attention_impls(self) -> dict[str, str]:
+    """Attention implementation of the prior and decoder (config or `attention_impl` override)."""
+    return {s.name: str(s.task.stage_config.model.get('attention_impl', 'xla'))
+            for s in (self.prior, self.decoder)}
+
+  @property
   def stage_names(self) -> tuple[str, ...]:
     return ('clip', self.prior.name, self.decoder.name) + tuple(u.name for u in self.upsamplers)
 

@@ -54,6 +54,7 @@ def test_writes_images_grid_and_jsonl_in_prompt_order(workdir, tmp_path):
   assert all(r['seed'] == 7 for r in records)
   assert records[0]['settings']['decoder']['steps'] == 2
   assert records[0]['settings']['prior']['num_candidates'] == 2
+  assert records[0]['attention_impl'] == {'prior': 'xla', 'decoder': 'xla'}
 
 
 @pytest.mark.parametrize('args, message', [

@@ -126,6 +126,7 @@ def test_attention_impl_override(workdir, request):
   unclip = sampling.UnCLIP.from_workdir(workdir, dtype='bfloat16', attention_impl='cudnn')
   assert unclip.decoder.task.stage_config.model.attention_impl == 'cudnn'
   assert unclip.prior.task.stage_config.model.attention_impl == 'cudnn'
+  assert unclip.attention_impls == {'prior': 'cudnn', 'decoder': 'cudnn'}
   fused = unclip(prompts, **settings)
   assert calls.count('cudnn') >= 2 and None in calls   # CLIP keeps its own attention
   # bfloat16 attention outputs differ in rounding only: uint8 pixels within a few levels.
