@@ -9,6 +9,10 @@ relation); draws one image per prompt with the whole chain; and reports, as JSON
 
   accuracy      per kind (test, heldout) and style: the spec's scoring rule
                 (`dalle2_jax.data.scoring`), per attribute and overall
+  two_object_outcomes
+                per kind, how the two-object prompts' images went: right, an object
+                missing or extra, the relation wrong, attributes swapped between the
+                objects or one duplicated (`scoring.TWO_OBJECT_OUTCOMES`)
   summary       seen_overall (test, all styles), heldout_overall (heldout, all styles),
                 two_object_overall (two-object prompts of both kinds), each with its target
                 on the shapes default (0.90, 0.75, 0.60) and whether it is met
@@ -78,7 +82,7 @@ def evaluate(unclip, *, num_prompts: int = 64, seed: int = 0, prompt_seed: int =
   report: dict[str, Any] = {'num_prompts_per_style': num_prompts, 'seed': seed,
                             'prompt_seed': prompt_seed, 'settings': settings.to_dict(),
                             'stages': list(unclip.stage_names), 'image_embeds': image_embeds}
-  accuracy, results_by, embeds = {}, {}, {}
+  accuracy, results_by, embeds, outcomes = {}, {}, {}, {}
   clip_scores = {}
   for kind in KINDS:
     prompts = captioned_shapes.eval_prompts(kind, num_prompts, prompt_seed, styles=STYLES)
@@ -97,6 +101,7 @@ def evaluate(unclip, *, num_prompts: int = 64, seed: int = 0, prompt_seed: int =
                       for s in STYLES}
     accuracy[kind]['all'] = scoring.aggregate(results)
     results_by[kind] = (results, styles)
+    outcomes[kind] = scoring.two_object_outcomes(images, prompts)
     image_embed = unclip.encode_image(images)
     text_embed = unclip.encode_text(captions)
     embeds[kind] = image_embed
@@ -105,6 +110,7 @@ def evaluate(unclip, *, num_prompts: int = 64, seed: int = 0, prompt_seed: int =
         'ground_truth': metrics.clip_score(truth_embed, text_embed),
     }
   report['accuracy'] = accuracy
+  report['two_object_outcomes'] = outcomes
 
   two = [r for kind in KINDS for r, st in zip(*results_by[kind]) if st == 'two']
   summary = {

@@ -185,7 +185,44 @@ def test_scoring_two_objects_relation():
     assert r['overall'] == bool(alike), (ex['caption'], r)
 
 
-def test_detect_scales_to_other_sizes():
+def test_two_object_outcomes_name_the_failure():
+  """Each failure of a two-object image is put in the outcome that describes it."""
+  ex = next(e for e in (cs.make_example('test', i, seed=2, style='two') for i in range(200))
+            if e['names'][1] and e['objects'][0, cs.SHAPE] != e['objects'][1, cs.SHAPE]
+            and e['objects'][0, cs.COLOUR] != e['objects'][1, cs.COLOUR])
+  o, rel, names = ex['objects'], ex['relation'], ex['names']
+  det = scoring.detect(ex['image'])
+  assert len(det) == 2
+
+  def outcome(objs):
+    return scoring.two_object_outcome(objs, o, rel, names)
+
+  def moved(d, **kw):
+    return {**d, **kw}
+
+  assert outcome(det) == 'right'
+  assert outcome(det[:1]) == 'missing'
+  assert outcome(det + [moved(det[0], row=(det[0]['row'] + 1) % 3)]) == 'extra'
+  # The two objects trade places: both right, the relation reversed.
+  a, b = det
+  swapped_places = [moved(a, row=b['row'], col=b['col']), moved(b, row=a['row'], col=a['col'])]
+  assert outcome(swapped_places) == 'relation'
+  # Colours traded between the objects: every value present, bound wrongly.
+  assert outcome([moved(a, colour=b['colour']), moved(b, colour=a['colour'])]) == 'swapped'
+  assert outcome([a, moved(b, shape=a['shape'])]) == 'duplicated'
+  assert outcome([a, moved(b, colour=a['colour'])]) == 'duplicated'
+  other = next(c for c in range(len(cs.PALETTE)) if c not in (a['colour'], b['colour']))
+  assert outcome([a, moved(b, colour=other)]) == 'other'
+
+  images = np.stack([ex['image'], np.zeros_like(ex['image'])])
+  prompts = {k: np.stack([ex[k], ex[k]]) for k in ('objects', 'num_objects', 'relation',
+                                                  'names')}
+  frac = scoring.two_object_outcomes(images, prompts)
+  assert frac['n'] == 2 and frac['right'] == frac['missing'] == 0.5
+  assert sum(frac[k] for k in scoring.TWO_OBJECT_OUTCOMES) == 1.0
+
+
+
   ex = cs.make_example('train', 3, seed=0, style='full')
   big = np.repeat(np.repeat(ex['image'], 4, 0), 4, 1)   # 256 px
   r = scoring.check(scoring.detect(big), ex['objects'], ex['num_objects'], ex['relation'],

@@ -73,6 +73,9 @@ def test_oracle_scores_perfectly_and_blank_scores_zero(unclip):
   assert report['accuracy']['test']['all']['n'] == 12
   assert report['fd']['num_generated'] == 12 and report['fd']['num_real'] == 16
   assert report['fd']['clip_image_embed_fd'] >= 0
+  for kind in evaluate.KINDS:
+    assert report['two_object_outcomes'][kind]['n'] == 4
+    assert report['two_object_outcomes'][kind]['right'] == 1.0
   np.testing.assert_allclose(report['clip_score']['test']['generated'],
                              report['clip_score']['test']['ground_truth'], rtol=1e-5)
   json.dumps(report)   # JSON-able
@@ -80,6 +83,7 @@ def test_oracle_scores_perfectly_and_blank_scores_zero(unclip):
   blank = evaluate.evaluate(Oracle(unclip, 4, 1234, blank=True), num_prompts=4, num_real=16)
   assert blank['summary']['seen_overall'] == 0.0
   assert not any(blank['summary']['meets_targets'].values())
+  assert blank['two_object_outcomes']['test']['missing'] == 1.0
   assert blank['fd']['clip_image_embed_fd'] > report['fd']['clip_image_embed_fd']
 
 

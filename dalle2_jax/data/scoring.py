@@ -123,6 +123,55 @@ def check(detected: Sequence[Mapping], objects: np.ndarray, num_objects: int,
   return result
 
 
+# How a two-object prompt's image went, first that applies: 'right'; 'missing' (fewer than two
+# objects) or 'extra' (more); then with exactly two: 'relation' (both objects right, the
+# relation wrong); 'swapped' (every named attribute value present, bound to the wrong
+# object: the red circle and blue square drawn as a blue circle and a red square);
+# 'duplicated' (the two objects share the shape or colour the prompt gives only one of
+# them); 'other' (an attribute value the prompt does not name).
+TWO_OBJECT_OUTCOMES = ('right', 'missing', 'extra', 'relation', 'swapped', 'duplicated',
+                       'other')
+
+
+def two_object_outcome(detected: Sequence[Mapping], objects: np.ndarray, relation: int,
+                       names: Sequence[bool]) -> str:
+  """Which of TWO_OBJECT_OUTCOMES a two-object prompt's detected objects fall in."""
+  objects = np.asarray(objects)
+  names = [bool(x) for x in names]
+  if check(detected, objects, 2, relation, names)['overall']:
+    return 'right'
+  if len(detected) != 2:
+    return 'missing' if len(detected) < 2 else 'extra'
+  for perm in ((0, 1), (1, 0)):
+    per = [_match(detected[p], objects[i], names) for i, p in enumerate(perm)]
+    if all(all(m.values()) for m in per):
+      return 'relation'
+  fields = [(key, col) for key, col, on in (('shape', cs.SHAPE, True),
+                                            ('colour', cs.COLOUR, names[1]),
+                                            ('size', cs.SIZE, names[2])) if on]
+  wanted = {key: sorted(int(o[col]) for o in objects[:2]) for key, col in fields}
+  drawn = {key: sorted(int(d[key]) for d in detected) for key, _ in fields}
+  if wanted == drawn:
+    return 'swapped'
+  for key, _ in fields:
+    want, got = wanted[key], drawn[key]
+    if want[0] != want[1] and got[0] == got[1] and got[0] in want:
+      return 'duplicated'
+  return 'other'
+
+
+def two_object_outcomes(images: np.ndarray, prompts: Mapping) -> dict:
+  """Fraction of the two-object prompts among `prompts` (as `score_images`) in each of
+  TWO_OBJECT_OUTCOMES, and 'n', how many there were."""
+  found = [two_object_outcome(detect(img), prompts['objects'][i], prompts['relation'][i],
+                              prompts['names'][i])
+           for i, img in enumerate(images) if int(prompts['num_objects'][i]) == 2]
+  out = {'n': len(found)}
+  for outcome in TWO_OBJECT_OUTCOMES:
+    out[outcome] = found.count(outcome) / len(found) if found else 0.0
+  return out
+
+
 def score_images(images: np.ndarray, prompts: Mapping) -> list[dict]:
   """`check` for every image against the prompts of `captioned_shapes.eval_prompts` (or a
   batch of dataset examples): images uint8 [N, H, W, 3]."""
