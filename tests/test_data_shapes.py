@@ -222,7 +222,7 @@ def test_two_object_outcomes_name_the_failure():
   assert sum(frac[k] for k in scoring.TWO_OBJECT_OUTCOMES) == 1.0
 
 
-
+def test_detect_scales_to_other_sizes():
   ex = cs.make_example('train', 3, seed=0, style='full')
   big = np.repeat(np.repeat(ex['image'], 4, 0), 4, 1)   # 256 px
   r = scoring.check(scoring.detect(big), ex['objects'], ex['num_objects'], ex['relation'],
