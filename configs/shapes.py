@@ -104,6 +104,7 @@ def get_config(arg=None):
   # objects' colours or shapes swapped, the relation reversed; one attribute changed), which
   # random in-batch negatives almost never test (tasks/hard_negatives.py).
   c.clip.hard_negatives = True
+  c.clip.num_hard_negatives = 1   # per example, of different kinds (tasks/hard_negatives.py)
   c.clip.model = dict(
       embed_dim=64,
       text=dict(width=64, depth=2, heads=2, vocab_size=49408, activation='quick_gelu'),

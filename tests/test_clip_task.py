@@ -87,6 +87,18 @@ def test_hard_negatives_in_the_loss_match_numpy():
                                         jnp.asarray(txt, jnp.float32), jnp.float32(10.0),
                                         jnp.asarray(neg, jnp.float32), jnp.zeros(6, bool))
   np.testing.assert_allclose(plain, reference_loss(img, txt, 10.0), rtol=1e-5)
+  # K negatives an example ([B, K, D], config.clip.num_hard_negatives): all B x K as columns.
+  neg2 = rng.normal(size=(6, 2, 4))
+  has2 = np.array([[1, 1], [1, 0], [0, 0], [1, 1], [0, 1], [1, 0]], bool)
+  loss2, m2 = clip_task.contrastive_loss(*(jnp.asarray(x, jnp.float32) for x in (img, txt)),
+                                         jnp.float32(10.0), jnp.asarray(neg2, jnp.float32),
+                                         jnp.asarray(has2))
+  neg2_logits = 10.0 * unit(img) @ unit(neg2.reshape(12, 4)).T
+  i2t2 = np.concatenate([logits, neg2_logits[:, has2.reshape(-1)]], axis=1)
+  np.testing.assert_allclose(loss2, 0.5 * (ce(i2t2) + ce(logits.T)), rtol=1e-5)
+  own2 = neg2_logits.reshape(6, 6, 2)[np.arange(6), np.arange(6)]   # [B, K]
+  wins2 = np.diag(logits)[:, None] > own2
+  np.testing.assert_allclose(m2['hard_negative_top1'], wins2[has2].mean(), rtol=1e-6)
 
 
 def test_same_loss_on_1_and_8_devices():
@@ -225,3 +237,42 @@ def test_recolour_augmentation_in_prepare_batch():
   config.clip.recolour_prob = 0.0
   with pytest.raises(ValueError, match='hard_negatives'):
     clip_task.ClipTask(config, 'clip', '/tmp/unused')
+
+
+def test_several_hard_negatives_per_example_are_of_different_kinds():
+  """config.clip.num_hard_negatives = 3: [B, 3, L] negatives; a two-object caption gets its
+  colours swapped, its shapes swapped and its relation reversed where each applies, each
+  once; a negative is never the true caption."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.tasks import hard_negatives  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config()
+  config.unlock()
+  config.clip.num_hard_negatives = 3
+  examples = [cs.make_example('train', i) for i in range(64)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in
+           ('objects', 'num_objects', 'relation', 'names')}
+  tok = tokenizer_lib.Tokenizer.from_config(config)
+  batch['tokens'] = tok([e['caption'] for e in examples])
+  out = hard_negatives.HardNegatives(config, 'clip')(batch)
+  neg, has = out['negative_tokens'], out['has_negative']
+  assert neg.shape == (64, 3, batch['tokens'].shape[1]) and has.shape == (64, 3)
+  two = np.flatnonzero(batch['num_objects'] == 2)
+  assert len(two) >= 8 and has[two].sum(1).mean() > 1.5   # one each would be <= 1
+  for i in range(64):
+    rows = [tuple(r) for r, h in zip(neg[i], has[i]) if h]
+    assert len(set(rows)) == len(rows)                  # distinct negatives
+    assert tuple(batch['tokens'][i]) not in rows
+    for r, h in zip(neg[i], has[i]):
+      assert np.array_equal(r, batch['tokens'][i]) == (not h)
+  # The loss takes them: one text-tower pass over B + B x K captions.
+  task = clip_task.ClipTask(config, 'clip', '/tmp/unused')
+  small = {k: v[:8] for k, v in out.items()}
+  small['image'] = np.stack([e['image'] for e in examples[:8]]).astype(np.float32) / 127.5 - 1
+  params = task.init(jax.random.PRNGKey(0), small)
+  loss, m = task.loss(params, small, None)
+  assert np.isfinite(loss) and 0 <= m['hard_negative_top1'] <= 1
+  config.clip.num_hard_negatives = 0
+  with pytest.raises(ValueError, match='num_hard_negatives'):
+    hard_negatives.HardNegatives(config, 'clip')

@@ -52,10 +52,10 @@ def contrastive_loss(image_embed: jax.Array, text_embed: jax.Array, scale: jax.A
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Symmetric CLIP loss over all pairs of the (global) batch; embeddings unnormalised.
 
-  negative_embed [B, D]: hard negative captions' text embeddings (NegCLIP), appended as extra
-  texts in the image -> text direction only (each image is contrasted with B true captions
-  and B hard negatives; text -> image is unchanged). has_negative [B] bool leaves out the
-  negatives an example does not have.
+  negative_embed [B, D] or [B, K, D]: hard negative captions' text embeddings (NegCLIP),
+  appended as extra texts in the image -> text direction only (each image is contrasted with
+  B true captions and B x K hard negatives; text -> image is unchanged). has_negative [B] or
+  [B, K] bool leaves out the negatives an example does not have.
   """
   img = clip_lib.l2_normalize(image_embed)
   txt = clip_lib.l2_normalize(text_embed)
@@ -64,13 +64,17 @@ def contrastive_loss(image_embed: jax.Array, text_embed: jax.Array, scale: jax.A
   i2t = logits
   metrics = {}
   if negative_embed is not None:
-    neg = scale * img @ clip_lib.l2_normalize(negative_embed).T        # [B_images, B_neg]
-    if has_negative is not None:
-      neg = jnp.where(has_negative[None, :], neg, jnp.finfo(neg.dtype).min)
+    b = negative_embed.shape[0]
+    negative_embed = negative_embed.reshape(b, -1, negative_embed.shape[-1])   # [B, K, D]
+    k = negative_embed.shape[1]
+    neg = scale * img @ clip_lib.l2_normalize(negative_embed.reshape(b * k, -1)).T
+    if has_negative is not None:                                      # neg: [B_images, B x K]
+      neg = jnp.where(has_negative.reshape(1, b * k), neg, jnp.finfo(neg.dtype).min)
     i2t = jnp.concatenate([logits, neg], axis=1)
-    own = jnp.diagonal(neg) < jnp.diagonal(logits)
+    own_neg = jnp.diagonal(neg.reshape(-1, b, k), axis1=0, axis2=1)   # [K, B]: image i, its own
+    own = own_neg < jnp.diagonal(logits)[None]
     weight = (jnp.ones_like(own, jnp.float32) if has_negative is None
-              else has_negative.astype(jnp.float32))
+              else has_negative.reshape(b, k).T.astype(jnp.float32))
     metrics['hard_negative_top1'] = jnp.sum(own * weight) / jnp.maximum(weight.sum(), 1.0)
   loss_i2t = optax.softmax_cross_entropy_with_integer_labels(i2t, labels).mean()
   loss_t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
@@ -127,10 +131,12 @@ class ClipTask(base.Task):
     b = tokens.shape[0]
     negative = batch.get('negative_tokens')
     if negative is not None:   # one text-tower pass over true and hard negative captions
-      tokens = jnp.concatenate([tokens, jnp.asarray(negative, jnp.int32)], 0)
+      negative = jnp.asarray(negative, jnp.int32)
+      tokens = jnp.concatenate([tokens, negative.reshape(-1, tokens.shape[1])], 0)
     image_embed, text_embed, scale = self._model.apply({'params': params}, tokens, pixels)
     return contrastive_loss(image_embed, text_embed[:b], scale,
-                            None if negative is None else text_embed[b:],
+                            None if negative is None else text_embed[b:].reshape(
+                                *negative.shape[:-1], -1),
                             batch.get('has_negative'))
 
   def flops_per_example(self) -> float:

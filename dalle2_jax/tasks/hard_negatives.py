@@ -21,15 +21,23 @@ from dalle2_jax.data import captioned_shapes
 
 
 class HardNegatives:
-  """Host-side batch augmentation: adds `negative_tokens` [B, L] (a task's prepare_batch).
+  """Host-side batch augmentation: adds `negative_tokens` [B, L] (a task's prepare_batch),
+  or [B, K, L] with `config.<stage>.num_hard_negatives` K > 1: up to K negatives of
+  different kinds per example (a two-object caption has three kinds: colours swapped,
+  shapes swapped, relation reversed; drawn one at a time, every example gets one of the
+  kinds about a third of the time).
 
   An example with no applicable negative (a one-object caption naming only its shape, all of
   whose other shapes would make a held-out pair, say) gets its own tokens, marked False in
-  `has_negative`; the loss leaves those out.
+  `has_negative` ([B] or [B, K]); the loss leaves those out.
   """
 
   def __init__(self, config, stage: str):
     self.enabled = bool(config[stage].get('hard_negatives', False))
+    self.num = int(config[stage].get('num_hard_negatives', 1))
+    if self.num < 1:
+      raise ValueError(f'config.{stage}.num_hard_negatives={self.num}: needs at least 1 '
+                       f'(turn them off with config.{stage}.hard_negatives=False).')
     if self.enabled and config.data.name != 'captioned_shapes':
       raise ValueError(f'config.{stage}.hard_negatives needs the captioned_shapes attributes; '
                        f'set it to False for config.data.name={config.data.name!r}.')
@@ -42,12 +50,20 @@ class HardNegatives:
       return batch
     tokens = np.asarray(batch['tokens'])
     rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(tokens).tobytes()) + 1)
-    captions, has = [], np.zeros(len(tokens), bool)
-    for i in range(len(tokens)):
-      neg = captioned_shapes.hard_negative(batch['objects'][i], batch['num_objects'][i],
-                                           batch['names'][i], batch['relation'][i], rng)
-      has[i] = neg is not None
-      captions.append(neg['caption'] if neg else '')
-    negative = self._tokenizer(captions)
-    negative[~has] = tokens[~has]
+    b, k = len(tokens), self.num
+    captions, has = [], np.zeros((b, k), bool)
+    for i in range(b):
+      kinds = list(captioned_shapes.NEGATIVE_KINDS)
+      for j in range(k):   # distinct kinds while any apply
+        neg = captioned_shapes.hard_negative(batch['objects'][i], batch['num_objects'][i],
+                                             batch['names'][i], batch['relation'][i], rng,
+                                             kinds=kinds)
+        has[i, j] = neg is not None
+        captions.append(neg['caption'] if neg else '')
+        if neg is not None:
+          kinds.remove(neg['kind'])
+    negative = self._tokenizer(captions).reshape(b, k, -1)
+    negative = np.where(has[..., None], negative, tokens[:, None])
+    if k == 1:
+      negative, has = negative[:, 0], has[:, 0]
     return dict(batch, negative_tokens=negative, has_negative=has)
