@@ -105,6 +105,8 @@ def get_config(arg=None):
   # random in-batch negatives almost never test (tasks/hard_negatives.py).
   c.clip.hard_negatives = True
   c.clip.num_hard_negatives = 1   # per example, of different kinds (tasks/hard_negatives.py)
+  c.clip.order_swap_negatives = False   # also "a B to the left of an A" for "an A ... a B"
+  c.clip.converse_prob = 0.0      # two-object captions rewritten as their converse
   c.clip.model = dict(
       embed_dim=64,
       text=dict(width=64, depth=2, heads=2, vocab_size=49408, activation='quick_gelu'),

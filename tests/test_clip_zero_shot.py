@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from configs import tiny
+from dalle2_jax.data import captioned_shapes as cs
 from dalle2_jax.evaluation import zero_shot
 from dalle2_jax.models import clip as clip_lib
 from dalle2_jax.tasks import clip as clip_task
@@ -72,7 +73,8 @@ def test_command_line_on_an_untrained_clip(tmp_path):
   for split in results.values():
     assert set(split) == set(zero_shot.ATTRIBUTES) | {'all', 'num_images', 'binding'}
     assert 0 < split['num_images'] <= 12
-    assert set(split['binding']) == set(zero_shot.BINDING_KINDS) | {'num_images'}
+    assert set(split['binding']) == set(zero_shot.BINDING_KINDS) | {'num_images',
+                                                                     'text_converse'}
     assert split['num_images'] + split['binding']['num_images'] == 12
   assert 'position' in r.stdout and 'relation_flip' in r.stdout
 
@@ -94,3 +96,15 @@ def test_binding_pairs_differ_only_in_binding():
       if kind != 'relation_flip':
         assert sorted(neg.split()) == sorted(true.split()), (true, neg)
   assert sum(c is None for c in data['colour_swap']) < n / 2
+  # The converse ("a B to the right of an A") has the words of the relation reversed
+  # ("an A to the right of a B"), in another order, and describes the caption's scene.
+  for true, conv, flip in zip(data['caption'], data['converse'], data['relation_flip']):
+    assert (conv is None) == (flip is None)
+    if conv is not None:
+      assert conv not in (true, flip) and sorted(conv.split()) == sorted(flip.split())
+      def parts(caption):   # the two noun phrases and the relation
+        rel = next(r for r in cs.RELATIONS if f' {r} ' in caption)
+        a, b = caption.removeprefix('there is ').split(f' {rel} ')
+        return a, b, cs.RELATIONS.index(rel)
+      a, b, rel = parts(true)
+      assert parts(conv) == (b, a, cs.OPPOSITE_RELATION[rel])

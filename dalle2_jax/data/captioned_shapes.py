@@ -267,6 +267,9 @@ def recolour(image: np.ndarray, objects: np.ndarray, num_objects: int, names: np
 OPPOSITE_RELATION = (1, 0, 3, 2)   # index into RELATIONS of each relation's converse
 NEGATIVE_KINDS = ('colour_swap', 'shape_swap', 'relation_flip', 'colour', 'shape', 'size',
                   'position')
+# The two objects named in the other order with the same relation ("a B to the left of an A"
+# for "an A to the left of a B"): the caption's own words, so only word order tells it apart.
+ORDER_SWAP = 'order_swap'
 
 
 def _names_pair(objects, i) -> bool:
@@ -282,7 +285,8 @@ def hard_negative(objects: np.ndarray, num_objects: int, names: np.ndarray, rela
 
   Two objects: their colours swapped ('colour_swap'), their shapes swapped ('shape_swap') or
   the relation replaced by its converse ('relation_flip'; not when the caption names the two
-  alike), so only the binding of attributes to objects is wrong. One object: one named
+  alike) or, when `kinds` has ORDER_SWAP, the objects named in the other order, so only the
+  binding of attributes to objects is wrong. One object: one named
   attribute ('colour', 'shape', 'size', 'position') replaced by another value. A negative
   never names a held-out (colour, shape) pair, so those pairs stay unseen in training text
   too. The caption template is `template`
@@ -304,6 +308,9 @@ def hard_negative(objects: np.ndarray, num_objects: int, names: np.ndarray, rela
     if ('relation_flip' in kinds and relation >= 0
         and _noun_phrase(objects[0], names) != _noun_phrase(objects[1], names)):
       options.append(('relation_flip', objects, OPPOSITE_RELATION[relation]))
+    if (ORDER_SWAP in kinds and relation >= 0
+        and _noun_phrase(objects[0], names) != _noun_phrase(objects[1], names)):
+      options.append((ORDER_SWAP, objects[::-1].copy(), relation))
   else:
     num_values = dict(colour=len(COLOUR_NAMES), shape=len(SHAPES), size=len(SIZES),
                       position=9)
@@ -332,6 +339,13 @@ def hard_negative(objects: np.ndarray, num_objects: int, names: np.ndarray, rela
     template = int(rng.integers(1 << 16))
   layout = dict(objects=o, names=names, num_objects=n, relation=rel, template=template)
   return dict(layout, caption=caption_of(layout), kind=kind)
+
+
+def converse(objects: np.ndarray, relation: int) -> tuple[np.ndarray, int]:
+  """The same two-object scene described the other way round: (objects in the other
+  order, the converse relation), for "a B to the right of an A" from "an A to the left of
+  a B"."""
+  return np.asarray(objects)[::-1].copy(), OPPOSITE_RELATION[int(relation)]
 
 
 def eval_prompts(kind: str = 'test', num: int = 64, seed: int = 0,

@@ -217,10 +217,12 @@ BINDING_KINDS = ('colour_swap', 'shape_swap', 'relation_flip')
 
 
 def binding_pairs(split: str, num: int, seed: int = 0) -> dict:
-  """Two-object examples among the first `num` of a split, each with its full caption and
+  """Two-object examples among the first `num` of a split, each with its full caption,
   one negative per kind in BINDING_KINDS (None where it does not apply: equal colours,
-  say). Captions name size and colour, written with template t = index."""
-  out = dict(image=[], caption=[], **{k: [] for k in BINDING_KINDS})
+  say) and 'converse': the caption's converse ("a B to the right of an A" for "an A to the
+  left of a B"), true of the same image, where the relation can be reversed. Captions name
+  size and colour, written with template t = index."""
+  out = dict(image=[], caption=[], converse=[], **{k: [] for k in BINDING_KINDS})
   rng = np.random.default_rng(seed)
   for i in range(num):
     e = cs.make_example(split, i, seed)
@@ -234,6 +236,9 @@ def binding_pairs(split: str, num: int, seed: int = 0) -> dict:
       neg = cs.hard_negative(e['objects'], 2, names, e['relation'], rng, kinds=(kind,),
                              template=i)
       out[kind].append(None if neg is None else neg['caption'])
+    out['converse'].append(None if out['relation_flip'][-1] is None else cs.caption_of(dict(
+        objects=e['objects'][::-1], names=names, template=i, num_objects=2,
+        relation=cs.OPPOSITE_RELATION[int(e['relation'])])))
   out['image'] = (np.stack(out['image']) if out['image'] else
                   np.zeros((0, cs.IMAGE_SIZE, cs.IMAGE_SIZE, 3), np.uint8))
   return out
@@ -241,7 +246,11 @@ def binding_pairs(split: str, num: int, seed: int = 0) -> dict:
 
 def evaluate_binding(frozen: clip_lib.FrozenClip, tokenizer, splits: Sequence[str],
                      num: int | dict = 256, seed: int = 0) -> dict[str, dict[str, float]]:
-  """Per split and kind, how often the true caption outscores its binding negative."""
+  """Per split and kind, how often the true caption outscores its binding negative; and
+  'text_converse': how often the text tower puts a caption closer to its converse (the same
+  scene) than to its relation reversed (another scene). Both have the words of the caption,
+  in another order or with one word changed, so a text embedding blind to what the relation
+  binds scores at most chance here, and one that goes by word order near 0."""
   def embed(captions):   # unit norm, one template each
     return _text_embeddings(frozen, tokenizer, captions, num_templates=1)
 
@@ -259,15 +268,24 @@ def evaluate_binding(frozen: clip_lib.FrozenClip, tokenizer, splits: Sequence[st
       idx = [i for i, c in enumerate(data[kind]) if c is not None]
       neg = np.sum(img[idx] * embed([data[kind][i] for i in idx]), -1)
       res[kind] = float(np.mean(true[idx] > neg)) if idx else float('nan')
+    idx = [i for i, c in enumerate(data['converse']) if c is not None]
+    if idx:
+      t = embed([data['caption'][i] for i in idx])
+      conv = np.sum(t * embed([data['converse'][i] for i in idx]), -1)
+      flip = np.sum(t * embed([data['relation_flip'][i] for i in idx]), -1)
+      res['text_converse'] = float(np.mean(conv > flip))
+    else:
+      res['text_converse'] = float('nan')
     results[split] = res
   return results
 
 
 def format_binding(results: dict) -> str:
-  lines = ['binding  ' + ' '.join(f'{k:>14}' for k in BINDING_KINDS) + '   images']
+  kinds = BINDING_KINDS + ('text_converse',)
+  lines = ['binding  ' + ' '.join(f'{k:>14}' for k in kinds) + '   images']
   for split, r in results.items():
-    lines.append(f'{split:<8} ' + ' '.join(f'{100 * r[k]:13.1f}%' for k in BINDING_KINDS)
-                 + f'   {r["num_images"]}')
+    lines.append(f'{split:<8} ' + ' '.join(f'{100 * r.get(k, float("nan")):13.1f}%'
+                                             for k in kinds) + f'   {r["num_images"]}')
   return '\n'.join(lines)
 
 

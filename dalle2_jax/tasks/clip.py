@@ -102,6 +102,7 @@ class ClipTask(base.Task):
         remat=bool(sc.get('remat', False)))
     self.recolour = recolour_lib.Recolour(config, stage)
     self.hard_negatives = hard_negatives_lib.HardNegatives(config, stage)
+    self.converse = hard_negatives_lib.ConverseCaptions(config, stage)
 
   def model(self):
     return self._model
@@ -111,7 +112,7 @@ class ClipTask(base.Task):
     return self._model.init(rng, tokens, pixels)['params']
 
   def prepare_batch(self, batch: dict) -> dict:
-    return self.hard_negatives(self.recolour(batch))
+    return self.hard_negatives(self.converse(self.recolour(batch)))
 
   def _inputs(self, batch: Mapping[str, jax.Array]):
     for key in ('image', 'tokens'):

@@ -35,6 +35,8 @@ class HardNegatives:
   def __init__(self, config, stage: str):
     self.enabled = bool(config[stage].get('hard_negatives', False))
     self.num = int(config[stage].get('num_hard_negatives', 1))
+    self.kinds = captioned_shapes.NEGATIVE_KINDS + (
+        (captioned_shapes.ORDER_SWAP,) if config[stage].get('order_swap_negatives') else ())
     if self.num < 1:
       raise ValueError(f'config.{stage}.num_hard_negatives={self.num}: needs at least 1 '
                        f'(turn them off with config.{stage}.hard_negatives=False).')
@@ -53,7 +55,7 @@ class HardNegatives:
     b, k = len(tokens), self.num
     captions, has = [], np.zeros((b, k), bool)
     for i in range(b):
-      kinds = list(captioned_shapes.NEGATIVE_KINDS)
+      kinds = list(self.kinds)
       for j in range(k):   # distinct kinds while any apply
         neg = captioned_shapes.hard_negative(batch['objects'][i], batch['num_objects'][i],
                                              batch['names'][i], batch['relation'][i], rng,
@@ -67,3 +69,41 @@ class HardNegatives:
     if k == 1:
       negative, has = negative[:, 0], has[:, 0]
     return dict(batch, negative_tokens=negative, has_negative=has)
+
+
+class ConverseCaptions:
+  """Host-side batch augmentation: `config.<stage>.converse_prob` of the two-object examples
+  get their caption's converse ("a B to the right of an A" for "an A to the left of a B",
+  `captioned_shapes.converse`), with `objects` and `relation` to match, so the text tower
+  sees both descriptions of one scene. Seeded by the batch's tokens (a resumed run repeats
+  it); the input batch is not modified."""
+
+  def __init__(self, config, stage: str):
+    self.prob = float(config[stage].get('converse_prob', 0.0))
+    if not 0.0 <= self.prob <= 1.0:
+      raise ValueError(f'config.{stage}.converse_prob={self.prob} must be in [0, 1].')
+    if self.prob and config.data.name != 'captioned_shapes':
+      raise ValueError(f'config.{stage}.converse_prob needs the captioned_shapes attributes; '
+                       f'set it to 0 for config.data.name={config.data.name!r}.')
+    self._tokenizer = tokenizer_lib.Tokenizer.from_config(config) if self.prob else None
+
+  def __call__(self, batch: dict) -> dict:
+    if not self.prob:
+      return batch
+    tokens = np.asarray(batch['tokens'])
+    rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(tokens).tobytes()) + 2)
+    pick = np.flatnonzero((rng.random(len(tokens)) < self.prob)
+                          & (np.asarray(batch['num_objects']) == 2)
+                          & (np.asarray(batch['relation']) >= 0))
+    if not len(pick):
+      return batch
+    objects, relation = np.array(batch['objects']), np.array(batch['relation'])
+    captions = list(batch.get('caption', [''] * len(tokens)))
+    for i in pick:
+      objects[i], relation[i] = captioned_shapes.converse(objects[i], relation[i])
+      captions[i] = captioned_shapes.caption_of(dict(
+          objects=objects[i], names=np.asarray(batch['names'][i], bool), num_objects=2,
+          relation=int(relation[i]), template=int(rng.integers(1 << 16))))
+    tokens = np.array(tokens)
+    tokens[pick] = self._tokenizer([captions[i] for i in pick])
+    return dict(batch, objects=objects, relation=relation, caption=captions, tokens=tokens)
