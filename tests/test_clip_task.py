@@ -276,3 +276,56 @@ def test_several_hard_negatives_per_example_are_of_different_kinds():
   config.clip.num_hard_negatives = 0
   with pytest.raises(ValueError, match='num_hard_negatives'):
     hard_negatives.HardNegatives(config, 'clip')
+
+
+def test_converse_captions_and_order_swap_negatives():
+  """config.clip.converse_prob rewrites two-object captions as their converse, with the
+  objects and relation to match (the scorer's reading of the image agrees); with
+  clip.order_swap_negatives a two-object example also gets the objects named the other way
+  round with the same relation, which is false of the image."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.tasks import hard_negatives  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config()
+  config.unlock()
+  config.clip.converse_prob = 1.0
+  config.clip.order_swap_negatives = True
+  config.clip.num_hard_negatives = 4
+  examples = [cs.make_example('train', i) for i in range(48)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in
+           ('objects', 'num_objects', 'relation', 'names')}
+  batch['caption'] = [e['caption'] for e in examples]
+  tok = tokenizer_lib.Tokenizer.from_config(config)
+  batch['tokens'] = tok(batch['caption'])
+  out = hard_negatives.ConverseCaptions(config, 'clip')(batch)
+  two = np.flatnonzero(batch['num_objects'] == 2)
+  assert len(two) >= 6
+  for i in range(48):
+    if i not in two:
+      assert out['caption'][i] == batch['caption'][i]
+      continue
+    assert out['caption'][i] != batch['caption'][i]
+    np.testing.assert_array_equal(out['objects'][i, :2], batch['objects'][i, 1::-1])
+    assert out['relation'][i] == cs.OPPOSITE_RELATION[batch['relation'][i]]
+    np.testing.assert_array_equal(out['tokens'][i], tok([out['caption'][i]])[0])
+    # both captions are true of the image
+    det = scoring.detect(examples[i]['image'])
+    assert scoring.check(det, out['objects'][i], 2, out['relation'][i],
+                         out['names'][i])['overall']
+  negs = hard_negatives.HardNegatives(config, 'clip')
+  assert cs.ORDER_SWAP in negs.kinds
+  rng = np.random.default_rng(0)
+  for i in two:
+    neg = cs.hard_negative(out['objects'][i], 2, out['names'][i], out['relation'][i], rng,
+                           kinds=(cs.ORDER_SWAP,))
+    if neg is None:   # both objects named alike
+      continue
+    assert neg['relation'] == out['relation'][i]
+    det = scoring.detect(examples[i]['image'])
+    assert not scoring.check(det, neg['objects'], 2, neg['relation'],
+                             out['names'][i])['overall']
+  config.clip.converse_prob = 1.5
+  with pytest.raises(ValueError, match='converse_prob'):
+    hard_negatives.ConverseCaptions(config, 'clip')
