@@ -236,9 +236,9 @@ def binding_pairs(split: str, num: int, seed: int = 0) -> dict:
       neg = cs.hard_negative(e['objects'], 2, names, e['relation'], rng, kinds=(kind,),
                              template=i)
       out[kind].append(None if neg is None else neg['caption'])
+    objects, relation = cs.converse(e['objects'], e['relation'])
     out['converse'].append(None if out['relation_flip'][-1] is None else cs.caption_of(dict(
-        objects=e['objects'][::-1], names=names, template=i, num_objects=2,
-        relation=cs.OPPOSITE_RELATION[int(e['relation'])])))
+        objects=objects, names=names, template=i, num_objects=2, relation=relation)))
   out['image'] = (np.stack(out['image']) if out['image'] else
                   np.zeros((0, cs.IMAGE_SIZE, cs.IMAGE_SIZE, 3), np.uint8))
   return out

@@ -23,9 +23,8 @@ from dalle2_jax.data import captioned_shapes
 class HardNegatives:
   """Host-side batch augmentation: adds `negative_tokens` [B, L] (a task's prepare_batch),
   or [B, K, L] with `config.<stage>.num_hard_negatives` K > 1: up to K negatives of
-  different kinds per example (a two-object caption has three kinds: colours swapped,
-  shapes swapped, relation reversed; drawn one at a time, every example gets one of the
-  kinds about a third of the time).
+  different kinds per example (a two-object caption has up to three: colours swapped,
+  shapes swapped, relation reversed; with K = 1 it gets one of those that apply, at random).
 
   An example with no applicable negative (a one-object caption naming only its shape, all of
   whose other shapes would make a held-out pair, say) gets its own tokens, marked False in
