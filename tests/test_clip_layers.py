@@ -133,6 +133,28 @@ def test_attend_fused_arguments_match_ours_in_float32(mask_shape):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_attend_hands_cudnn_only_what_it_takes(monkeypatch):
+  """What an H200 run showed cuDNN's fused attention (jax 0.11.2) refuses: a single query
+  row (the prior's last block: 'Unsupported sequence length Q 1') goes the plain path, and
+  under vmap (UnCLIP's sampler) the mask carries every head, since the kernel's batching
+  rule reshapes it to [batch x B, heads, Lq, Lk]."""
+  seen = []
+
+  def fake(q, k, v, mask=None, scale=None, implementation=None):
+    seen.append((q.shape, None if mask is None else mask.shape, implementation))
+    return q
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', fake)
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(4, 2, n, 3, 8)), jnp.bfloat16) for n in (5, 9, 9))
+  mask = jnp.ones((4, 2, 1, 1, 9), bool)
+  jax.vmap(lambda q, k, v, m: layers.attend(q, k, v, m, jnp.bfloat16, fused='cudnn'))(
+      q, k, v, mask)
+  assert seen == [((2, 5, 3, 8), (2, 3, 5, 9), 'cudnn')]
+  seen.clear()
+  out = layers.attend(q[0, :, :1], k[0], v[0], mask[0], jnp.bfloat16, fused='cudnn')
+  assert not seen and out.shape == (2, 1, 3, 8)
+
+
 @pytest.mark.parametrize('case', ['prior', 'unet', 'no_mask'])
 def test_fused_attention_path_matches_ours(cudnn_attention_on_cpu, case):
   """attention_impl='cudnn' hands q, k, v and the mask to jax.nn.dot_product_attention.

@@ -195,10 +195,14 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype,
   which takes q, k and v in `dtype` and the mask as a bias over every query row.
   """
   scale = q.shape[-1] ** -0.5
-  if fused is not None:
+  # cuDNN's kernel takes no single-query attention (the prior's last block); the plain path
+  # is as fast there.
+  if fused is not None and q.shape[1] > 1:
     if mask is not None:
-      b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
-      mask = jnp.broadcast_to(mask, (b, mask.shape[1], lq, lk))
+      # Every head explicit: jax's vmap rule for the cuDNN kernel (UnCLIP's sampler vmaps
+      # over examples) reshapes the mask as if it had one row per head.
+      b, lq, h, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+      mask = jnp.broadcast_to(mask, (b, h, lq, lk))
     return jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                                         mask=mask, scale=scale, implementation=fused)
   logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32) * scale,
