@@ -20,7 +20,9 @@ from typing import Any, Callable
 # name); without this, a GPU parent would hold most of the GPU's memory while its children run.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+# BENCH_RESULTS_DIR redirects the result files (bench/gpu.sh: a lent machine's output folder).
+RESULTS_DIR = os.environ.get('BENCH_RESULTS_DIR') or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), 'results')
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
@@ -126,6 +128,66 @@ def device_memory_peak_mb() -> float | None:
     return None
   peak = stats.get('peak_bytes_in_use')
   return None if peak is None else peak / 2**20
+
+
+def profile_trace(fn: Callable[[], Any], name: str, calls: int = 3) -> str | None:
+  """Runs fn() `calls` times under jax.profiler and keeps the Perfetto trace as
+  RESULTS_DIR/trace_<name>.json.gz (kernel names and device times; open it in
+  ui.perfetto.dev, or sum it with bench/trace_summary.py). None if tracing failed."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    with tempfile.TemporaryDirectory() as tmp:
+      with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        for _ in range(calls):
+          fn()
+      found = glob.glob(os.path.join(tmp, '**', 'perfetto_trace.json.gz'), recursive=True)
+      if not found:
+        return None
+      os.makedirs(RESULTS_DIR, exist_ok=True)
+      out = os.path.join(RESULTS_DIR, f'trace_{name}.json.gz')
+      shutil.copy(found[0], out)
+      return out
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'profile_trace({name}) failed: {e!r}', file=sys.stderr)
+    return None
+
+
+def run_child_json(name: str, cmd: list[str], timeout: float) -> dict[str, Any]:
+  """Runs one benchmark child (`cmd`, from the repository root) and returns the JSON object
+  on the last '{' line of its stdout, or dict(name=, error=<its output's tail>).
+
+  The child's stderr is echoed line by line as it comes, prefixed with `name`, so a run cut
+  short from outside (a lent GPU's time limit) still shows how far each child got."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  tail = []
+  with tempfile.TemporaryFile('w+') as out:
+    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    timer = threading.Timer(timeout, p.kill)
+    timer.start()
+    try:
+      for line in p.stderr:
+        print(f'[{name}] {line}', end='', file=sys.stderr, flush=True)
+        tail = (tail + [line])[-60:]
+      p.wait()
+    finally:
+      timer.cancel()
+    out.seek(0)
+    lines = [l for l in out.read().splitlines() if l.startswith('{')]
+  if p.returncode or not lines:
+    why = f'killed after {timeout:.0f} s\n' if p.returncode == -9 else ''
+    return dict(name=name, error=why + ''.join(tail)[-3000:])
+  return json.loads(lines[-1])
+
+
+def phase(name: str, what: str, since: float) -> float:
+  """Prints '<name>: <what> after N s' to stderr (a child's progress); returns now."""
+  now = time.perf_counter()
+  print(f'{name}: {what} after {now - since:.1f} s', file=sys.stderr, flush=True)
+  return now
 
 
 def time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> dict[str, float]:

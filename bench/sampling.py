@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -112,11 +111,12 @@ def run_one(name: str, repeats: int) -> dict:
   t0 = time.perf_counter()
   unclip, settings, counts = build_unclip(spec)
   build_s = time.perf_counter() - t0
+  t0 = common.phase(name, 'built', t0)
   batch = spec['batch']
   prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
-  t0 = time.perf_counter()
   images = unclip(prompts, seed=0, settings=settings, batch_size=batch)
   first = time.perf_counter() - t0
+  common.phase(name, 'first call (compile + run)', t0)
   times = []
   for r in range(repeats):
     t0 = time.perf_counter()
@@ -136,12 +136,7 @@ def run_one(name: str, repeats: int) -> dict:
 def run_in_subprocess(name: str, repeats: int, timeout: float = 1800) -> dict:
   cmd = common.pin_prefix() + [sys.executable, os.path.abspath(__file__), '--child', name,
                               '--repeats', str(repeats)]
-  p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                     cwd=common.REPO_ROOT)
-  lines = [l for l in p.stdout.splitlines() if l.startswith('{')]
-  if p.returncode or not lines:
-    return dict(name=name, error=(p.stderr or p.stdout)[-3000:])
-  return json.loads(lines[-1])
+  return common.run_child_json(name, cmd, timeout)
 
 
 def main():

@@ -51,13 +51,16 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
   rss0 = common.rss_peak_mb()
   spec = matched.CONFIGS[name]
   peak = peak or common.device_peak()['flops_per_s']
+  t0 = time.perf_counter()
   built = ours.build_train(spec, total_steps=steps + warmup + 1,
                            custom_conv_grad=custom_conv_grad, num_devices=cpu_devices)
   state, batch, rng, frozen = built.state, built.batch, built.rng, built.frozen
 
-  t0 = time.perf_counter()
+  t0 = common.phase(name, 'built (state initialised)', t0)
   lowered = built.jitted.lower(state, batch, rng, frozen)
+  t1 = common.phase(name, 'lowered', t0)
   compiled = lowered.compile()
+  common.phase(name, 'compiled', t1)
   compile_s = time.perf_counter() - t0
   mem = {}
   try:
@@ -89,6 +92,10 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
   first_step_s = time.perf_counter() - t0
   timing = common.time_calls(step, steps=steps, warmup=max(warmup - 1, 0))
   metrics = step()
+  common.phase(name, f'timed {steps} steps', t0)
+  trace = None
+  if name in os.environ.get('BENCH_TRACE', '').split(','):
+    trace = common.profile_trace(step, name)
   b = built.batch_size
   flops_per_step = 3.0 * built.flops_per_example * b
   med = timing['median_s']
@@ -107,7 +114,7 @@ def run_one(name: str, steps: int, warmup: int, custom_conv_grad: bool | None = 
       mfu=flops_per_step / med / peak,
       final_loss=float(metrics['loss']),
       xla_memory=mem, rss_before_model_mb=rss0, peak_rss_mb=common.rss_peak_mb(),
-      device_peak_mb=common.device_memory_peak_mb())
+      device_peak_mb=common.device_memory_peak_mb(), trace=trace)
 
 
 def run_in_subprocess(name: str, steps: int, warmup: int, custom_conv_grad=None,
@@ -119,12 +126,7 @@ def run_in_subprocess(name: str, steps: int, warmup: int, custom_conv_grad=None,
     cmd += ['--custom_conv_grad', str(int(custom_conv_grad))]
   if peak:
     cmd += ['--peak', repr(peak)]
-  p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                     cwd=common.REPO_ROOT)
-  lines = [l for l in p.stdout.splitlines() if l.startswith('{')]
-  if p.returncode or not lines:
-    return dict(name=name, error=(p.stderr or p.stdout)[-3000:])
-  return json.loads(lines[-1])
+  return common.run_child_json(name, cmd, timeout)
 
 
 def matmul_peak_subprocess() -> float:
