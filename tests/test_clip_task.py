@@ -329,3 +329,59 @@ def test_converse_captions_and_order_swap_negatives():
   config.clip.converse_prob = 1.5
   with pytest.raises(ValueError, match='converse_prob'):
     hard_negatives.ConverseCaptions(config, 'clip')
+
+
+def test_mirror_negative_images_in_the_loss_match_numpy():
+  """config.clip.mirror_negatives: each caption's row (text -> image) gets its own image's
+  mirror as one extra column where has_mirror; image -> text is unchanged."""
+  rng = np.random.default_rng(2)
+  img, txt, mirror = (rng.normal(size=(6, 4)) for _ in range(3))
+  has = np.array([True, False, True, True, False, True])
+  loss, m = clip_task.contrastive_loss(
+      *(jnp.asarray(x, jnp.float32) for x in (img, txt)), jnp.float32(10.0),
+      mirror_embed=jnp.asarray(mirror, jnp.float32), has_mirror=jnp.asarray(has))
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  logits = 10.0 * unit(img) @ unit(txt).T
+  own_mirror = 10.0 * np.sum(unit(txt) * unit(mirror), -1)
+
+  def ce_rows(lg, target):
+    return [np.log(np.exp(row - row.max()).sum()) + row.max() - row[t]
+            for row, t in zip(lg, target)]
+  t2i = [np.append(logits[:, i], own_mirror[i]) if has[i] else logits[:, i] for i in range(6)]
+  loss_t2i = np.mean(ce_rows(t2i, range(6)))
+  loss_i2t = np.mean(ce_rows(logits, range(6)))
+  np.testing.assert_allclose(loss, 0.5 * (loss_i2t + loss_t2i), rtol=1e-5)
+  wins = np.diag(logits) > own_mirror
+  np.testing.assert_allclose(m['mirror_top1'], wins[has].mean(), rtol=1e-6)
+  # No mirror flagged: the plain CLIP loss.
+  plain, _ = clip_task.contrastive_loss(
+      *(jnp.asarray(x, jnp.float32) for x in (img, txt)), jnp.float32(10.0),
+      mirror_embed=jnp.asarray(mirror, jnp.float32), has_mirror=jnp.zeros(6, bool))
+  np.testing.assert_allclose(plain, reference_loss(img, txt, 10.0), rtol=1e-5)
+
+
+def test_mirror_negatives_flag_exactly_the_captions_the_mirror_makes_false():
+  """has_mirror_negative is True iff the scorer finds the caption false of the mirrored
+  image (and it is true of the image itself); the clip loss takes the flag and reports
+  mirror_top1."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.tasks import hard_negatives  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config()
+  config.unlock()
+  config.clip.mirror_negatives = True
+  examples = [cs.make_example('train', i) for i in range(96)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in
+           ('objects', 'num_objects', 'relation', 'names', 'image')}
+  out = hard_negatives.MirrorNegatives(config, 'clip')(batch)
+  has = out['has_mirror_negative']
+  assert has.shape == (96,) and 10 < has.sum() < 86
+  for i, e in enumerate(examples):
+    args = (e['objects'], e['num_objects'], e['relation'], e['names'])
+    assert scoring.check(scoring.detect(e['image']), *args)['overall']
+    mirrored_ok = scoring.check(scoring.detect(e['image'][:, ::-1]), *args)['overall']
+    assert mirrored_ok != has[i], (e['caption'], has[i])
+  config.data.name = 'tfds'
+  with pytest.raises(ValueError, match='mirror_negatives'):
+    hard_negatives.MirrorNegatives(config, 'clip')

@@ -20,7 +20,8 @@ off-palette colours and whose caption loses its colour words; see
 colour, which is what zero-shot accuracy on the held-out pairs needs), and hard_negatives
 (captioned_shapes only: NegCLIP's hard negative captions, see `tasks/hard_negatives.py`;
 the metric hard_negative_top1 is how often an image scores its caption above its hard
-negative).
+negative), and mirror_negatives (captioned_shapes only: each image mirrored left-right as a
+hard negative image for a caption it makes false; metric mirror_top1).
 """
 
 from __future__ import annotations
@@ -48,14 +49,22 @@ def _dtype(name: str):
 
 def contrastive_loss(image_embed: jax.Array, text_embed: jax.Array, scale: jax.Array,
                      negative_embed: jax.Array | None = None,
-                     has_negative: jax.Array | None = None
+                     has_negative: jax.Array | None = None,
+                     mirror_embed: jax.Array | None = None,
+                     has_mirror: jax.Array | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Symmetric CLIP loss over all pairs of the (global) batch; embeddings unnormalised.
 
   negative_embed [B, D] or [B, K, D]: hard negative captions' text embeddings (NegCLIP),
   appended as extra texts in the image -> text direction only (each image is contrasted with
-  B true captions and B x K hard negatives; text -> image is unchanged). has_negative [B] or
-  [B, K] bool leaves out the negatives an example does not have.
+  B true captions and B x K hard negatives). has_negative [B] or [B, K] bool leaves out the
+  negatives an example does not have.
+
+  mirror_embed [B, D]: each image mirrored left-right (`config.clip.mirror_negatives`),
+  appended in the text -> image direction as one extra image for its own caption only, where
+  has_mirror [B] says the mirror is false of the caption (`tasks.hard_negatives.
+  MirrorNegatives`); the metric mirror_top1 is how often a caption scores its image above
+  the mirror.
   """
   img = clip_lib.l2_normalize(image_embed)
   txt = clip_lib.l2_normalize(text_embed)
@@ -76,8 +85,18 @@ def contrastive_loss(image_embed: jax.Array, text_embed: jax.Array, scale: jax.A
     weight = (jnp.ones_like(own, jnp.float32) if has_negative is None
               else has_negative.reshape(b, k).T.astype(jnp.float32))
     metrics['hard_negative_top1'] = jnp.sum(own * weight) / jnp.maximum(weight.sum(), 1.0)
+  t2i = logits.T
+  if mirror_embed is not None:
+    own_mirror = scale * jnp.sum(txt * clip_lib.l2_normalize(mirror_embed), -1)   # [B]
+    has_mirror = (jnp.ones(own_mirror.shape, bool) if has_mirror is None
+                  else jnp.asarray(has_mirror, bool))
+    t2i = jnp.concatenate(
+        [t2i, jnp.where(has_mirror, own_mirror, jnp.finfo(t2i.dtype).min)[:, None]], axis=1)
+    beat = (own_mirror < jnp.diagonal(logits)).astype(jnp.float32)
+    weight = has_mirror.astype(jnp.float32)
+    metrics['mirror_top1'] = jnp.sum(beat * weight) / jnp.maximum(weight.sum(), 1.0)
   loss_i2t = optax.softmax_cross_entropy_with_integer_labels(i2t, labels).mean()
-  loss_t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+  loss_t2i = optax.softmax_cross_entropy_with_integer_labels(t2i, labels).mean()
   loss = 0.5 * (loss_i2t + loss_t2i)
   metrics.update(
       loss=loss,
@@ -103,6 +122,7 @@ class ClipTask(base.Task):
     self.recolour = recolour_lib.Recolour(config, stage)
     self.hard_negatives = hard_negatives_lib.HardNegatives(config, stage)
     self.converse = hard_negatives_lib.ConverseCaptions(config, stage)
+    self.mirror = hard_negatives_lib.MirrorNegatives(config, stage)
 
   def model(self):
     return self._model
@@ -112,7 +132,7 @@ class ClipTask(base.Task):
     return self._model.init(rng, tokens, pixels)['params']
 
   def prepare_batch(self, batch: dict) -> dict:
-    return self.hard_negatives(self.converse(self.recolour(batch)))
+    return self.mirror(self.hard_negatives(self.converse(self.recolour(batch))))
 
   def _inputs(self, batch: Mapping[str, jax.Array]):
     for key in ('image', 'tokens'):
@@ -134,11 +154,15 @@ class ClipTask(base.Task):
     if negative is not None:   # one text-tower pass over true and hard negative captions
       negative = jnp.asarray(negative, jnp.int32)
       tokens = jnp.concatenate([tokens, negative.reshape(-1, tokens.shape[1])], 0)
+    has_mirror = batch.get('has_mirror_negative')
+    if has_mirror is not None:   # one image-tower pass over the images and their mirrors
+      pixels = jnp.concatenate([pixels, pixels[:, :, ::-1]], 0)
     image_embed, text_embed, scale = self._model.apply({'params': params}, tokens, pixels)
-    return contrastive_loss(image_embed, text_embed[:b], scale,
+    return contrastive_loss(image_embed[:b], text_embed[:b], scale,
                             None if negative is None else text_embed[b:].reshape(
                                 *negative.shape[:-1], -1),
-                            batch.get('has_negative'))
+                            batch.get('has_negative'),
+                            None if has_mirror is None else image_embed[b:], has_mirror)
 
   def flops_per_example(self) -> float:
     return clip_lib.flops_per_example(

@@ -106,3 +106,49 @@ class ConverseCaptions:
     tokens = np.array(tokens)
     tokens[pick] = self._tokenizer([captions[i] for i in pick])
     return dict(batch, objects=objects, relation=relation, caption=captions, tokens=tokens)
+
+
+class MirrorNegatives:
+  """Host-side batch flag for `config.<stage>.mirror_negatives`: `has_mirror_negative` [B],
+  True where the image mirrored left-right is false of the caption, so the clip loss can add
+  that mirrored image as a hard negative image for the caption (text -> image direction,
+  `tasks.clip.contrastive_loss`).
+
+  All captioned_shapes shapes are left-right symmetric, so the mirror is exactly the scene
+  with its columns reversed: false of a two-object caption with a left/right relation and of
+  a one-object caption that names a left or right column; true of everything else (above /
+  below, two objects named alike, the middle column, captions without a position), which are
+  left unflagged. The
+  negative caption (HardNegatives) teaches the text tower the relation's words; this teaches
+  the image tower where things are, which captions alone in random batches rarely test.
+  """
+
+  def __init__(self, config, stage: str):
+    self.enabled = bool(config[stage].get('mirror_negatives', False))
+    if self.enabled and config.data.name != 'captioned_shapes':
+      raise ValueError(f'config.{stage}.mirror_negatives needs the captioned_shapes '
+                       f'attributes; set it to False for config.data.name='
+                       f'{config.data.name!r}.')
+
+  def __call__(self, batch: dict) -> dict:
+    if not self.enabled:
+      return batch
+    return dict(batch, has_mirror_negative=mirror_changes_caption(
+        batch['objects'], batch['num_objects'], batch['names'], batch['relation']))
+
+
+def mirror_changes_caption(objects, num_objects, names, relation) -> np.ndarray:
+  """bool [B]: whether mirroring each image left-right makes its caption false."""
+  objects, names = np.asarray(objects), np.asarray(names, bool)
+  two = np.asarray(num_objects) == 2
+  relation = np.asarray(relation)
+  sideways = (relation == captioned_shapes.RELATIONS.index('to the left of')) | (
+      relation == captioned_shapes.RELATIONS.index('to the right of'))
+  # Objects the caption names alike ("a triangle to the left of a triangle") stay true.
+  fields = [captioned_shapes.SHAPE, captioned_shapes.COLOUR, captioned_shapes.SIZE]
+  told_apart = np.any(names[:, [captioned_shapes.NAME_FIELDS.index(f) for f in
+                                ('shape', 'colour', 'size')]]
+                      & (objects[:, 0, fields] != objects[:, 1, fields]), axis=1)
+  position = names[:, captioned_shapes.NAME_FIELDS.index('position')]
+  off_centre = objects[:, 0, captioned_shapes.COL] != 1
+  return np.where(two, sideways & told_apart, position & off_centre)
