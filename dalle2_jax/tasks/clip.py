@@ -57,7 +57,7 @@ def contrastive_loss(image_embed: jax.Array, text_embed: jax.Array, scale: jax.A
 
   negative_embed [B, D] or [B, K, D]: hard negative captions' text embeddings (NegCLIP),
   appended as extra texts in the image -> text direction only (each image is contrasted with
-  B true captions and B x K hard negatives). has_negative [B] or [B, K] bool leaves out the
+  B true captions and B x K hard negatives; text -> image gets none). has_negative [B] or [B, K] bool leaves out the
   negatives an example does not have.
 
   mirror_embed [B, D]: each image mirrored left-right (`config.clip.mirror_negatives`),

@@ -118,9 +118,9 @@ class MirrorNegatives:
   with its columns reversed: false of a two-object caption with a left/right relation and of
   a one-object caption that names a left or right column; true of everything else (above /
   below, two objects named alike, the middle column, captions without a position), which are
-  left unflagged. The
-  negative caption (HardNegatives) teaches the text tower the relation's words; this teaches
-  the image tower where things are, which captions alone in random batches rarely test.
+  left unflagged. Runs after Recolour and ConverseCaptions, whose `names`, `objects` and
+  `relation` it reads. The negative captions (HardNegatives) test the text tower on the
+  relation's words; this tests the image tower on where things are.
   """
 
   def __init__(self, config, stage: str):
