@@ -109,9 +109,10 @@ def get_config(arg=None):
   c.clip.num_hard_negatives = 1   # per example, of different kinds (tasks/hard_negatives.py)
   c.clip.order_swap_negatives = False   # also "a B to the left of an A" for "an A ... a B"
   c.clip.converse_prob = 0.0      # two-object captions rewritten as their converse
-  # Each image mirrored left-right as a hard negative image for a caption it makes false
-  # (a left/right relation or column; tasks/hard_negatives.py MirrorNegatives).
-  c.clip.mirror_negatives = False
+  # Each image mirrored as a hard negative image for a caption the mirror makes false:
+  # 'left_right' (a left/right relation or column), 'both' (also up-down, scenes without a
+  # triangle), 'none' (tasks/hard_negatives.py MirrorNegatives).
+  c.clip.mirror_negatives = 'none'
   c.clip.model = dict(
       embed_dim=64,
       text=dict(width=64, depth=2, heads=2, vocab_size=49408, activation='quick_gelu'),

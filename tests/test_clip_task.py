@@ -360,28 +360,59 @@ def test_mirror_negative_images_in_the_loss_match_numpy():
   np.testing.assert_allclose(plain, reference_loss(img, txt, 10.0), rtol=1e-5)
 
 
-def test_mirror_negatives_flag_exactly_the_captions_the_mirror_makes_false():
-  """has_mirror_negative is True iff the scorer finds the caption false of the mirrored
-  image (and it is true of the image itself); the clip loss takes the flag and reports
-  mirror_top1."""
+@pytest.mark.parametrize('mode', ['left_right', 'both'])
+def test_mirror_negatives_flag_exactly_the_captions_the_mirror_makes_false(mode):
+  """MirrorNegatives marks an example with an axis iff the scorer finds its caption false of
+  the image mirrored along that axis (and true of the image): left-right first; with 'both',
+  up-down for scenes without a triangle (whose mirror would be no captioned_shapes scene).
+  An unmarked example's left-right mirror keeps its caption true. The clip loss takes the
+  field and reports mirror_top1."""
   from configs import shapes  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
-  from dalle2_jax.tasks import hard_negatives  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.tasks import hard_negatives as hn  # pylint: disable=g-import-not-at-top
   config = shapes.get_config()
   config.unlock()
-  config.clip.mirror_negatives = True
-  examples = [cs.make_example('train', i) for i in range(96)]
+  config.clip.mirror_negatives = mode
+  examples = [cs.make_example('train', i) for i in range(160)]
   batch = {k: np.stack([e[k] for e in examples]) for k in
            ('objects', 'num_objects', 'relation', 'names', 'image')}
-  out = hard_negatives.MirrorNegatives(config, 'clip')(batch)
-  has = out['has_mirror_negative']
-  assert has.shape == (96,) and 10 < has.sum() < 86
+  mirror = hn.MirrorNegatives(config, 'clip')(batch)['mirror']
+  counts = np.bincount(mirror, minlength=3)
+  assert counts[hn.LEFT_RIGHT] > 20 and counts[hn.NO_MIRROR] > 20
+  assert (counts[hn.UP_DOWN] > 5) == (mode == 'both')
   for i, e in enumerate(examples):
     args = (e['objects'], e['num_objects'], e['relation'], e['names'])
-    assert scoring.check(scoring.detect(e['image']), *args)['overall']
-    mirrored_ok = scoring.check(scoring.detect(e['image'][:, ::-1]), *args)['overall']
-    assert mirrored_ok != has[i], (e['caption'], has[i])
+    true_of = lambda image: scoring.check(scoring.detect(image), *args)['overall']  # noqa: E731
+    assert true_of(e['image'])
+    assert true_of(e['image'][:, ::-1]) == (mirror[i] != hn.LEFT_RIGHT), e['caption']
+    if mirror[i] == hn.UP_DOWN:
+      assert not true_of(e['image'][::-1]), e['caption']
+      assert cs.SHAPES.index('triangle') not in e['objects'][:, cs.SHAPE]
+  # The loss mirrors each image along its own axis (checked against explicit flips).
+  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  pick = np.concatenate([np.flatnonzero(mirror == m)[:3] for m in range(3)])
+  small = {k: v[pick] for k, v in batch.items()}
+  small['image'] = small['image'].astype(np.float32) / 127.5 - 1
+  small['tokens'] = tokenizer_lib.Tokenizer.from_config(config)(
+      [examples[i]['caption'] for i in pick])
+  config.clip.recolour_prob, config.clip.hard_negatives = 0.0, False   # the mirror alone
+  task = clip_task.ClipTask(config, 'clip', '')
+  prepared = task.prepare_batch(small)
+  np.testing.assert_array_equal(prepared['mirror'], mirror[pick])
+  params = task.init(jax.random.key(0), prepared)
+  loss, metrics = task.loss(params, prepared, jax.random.key(1))
+  flipped = np.stack([im if m == hn.NO_MIRROR else im[::-1] if m == hn.UP_DOWN else im[:, ::-1]
+                      for im, m in zip(small['image'], mirror[pick])])
+  img, txt, scale = task.embed(params, small)
+  mirror_img, _, _ = task.embed(params, dict(small, image=flipped))
+  ref, ref_metrics = clip_task.contrastive_loss(img, txt, scale, mirror_embed=mirror_img,
+                                                has_mirror=mirror[pick] != hn.NO_MIRROR)
+  np.testing.assert_allclose(loss, ref, rtol=1e-4)
+  np.testing.assert_allclose(metrics['mirror_top1'], ref_metrics['mirror_top1'])
   config.data.name = 'tfds'
   with pytest.raises(ValueError, match='mirror_negatives'):
-    hard_negatives.MirrorNegatives(config, 'clip')
+    hn.MirrorNegatives(config, 'clip')
+  config.clip.mirror_negatives = 'sideways'
+  with pytest.raises(ValueError, match='mirror_negatives'):
+    hn.MirrorNegatives(config, 'clip')

@@ -20,8 +20,8 @@ off-palette colours and whose caption loses its colour words; see
 colour, which is what zero-shot accuracy on the held-out pairs needs), and hard_negatives
 (captioned_shapes only: NegCLIP's hard negative captions, see `tasks/hard_negatives.py`;
 the metric hard_negative_top1 is how often an image scores its caption above its hard
-negative), and mirror_negatives (captioned_shapes only: each image mirrored left-right as a
-hard negative image for a caption it makes false; metric mirror_top1).
+negative), and mirror_negatives (captioned_shapes only: 'left_right' or 'both'; each image
+mirrored as a hard negative image for a caption the mirror makes false; metric mirror_top1).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def contrastive_loss(image_embed: jax.Array, text_embed: jax.Array, scale: jax.A
   B true captions and B x K hard negatives; text -> image gets none). has_negative [B] or [B, K] bool leaves out the
   negatives an example does not have.
 
-  mirror_embed [B, D]: each image mirrored left-right (`config.clip.mirror_negatives`),
+  mirror_embed [B, D]: each image mirrored (`config.clip.mirror_negatives`),
   appended in the text -> image direction as one extra image for its own caption only, where
   has_mirror [B] says the mirror is false of the caption (`tasks.hard_negatives.
   MirrorNegatives`); the metric mirror_top1 is how often a caption scores its image above
@@ -154,9 +154,13 @@ class ClipTask(base.Task):
     if negative is not None:   # one text-tower pass over true and hard negative captions
       negative = jnp.asarray(negative, jnp.int32)
       tokens = jnp.concatenate([tokens, negative.reshape(-1, tokens.shape[1])], 0)
-    has_mirror = batch.get('has_mirror_negative')
-    if has_mirror is not None:   # one image-tower pass over the images and their mirrors
-      pixels = jnp.concatenate([pixels, pixels[:, :, ::-1]], 0)
+    mirror = batch.get('mirror')
+    has_mirror = None
+    if mirror is not None:   # one image-tower pass over the images and their mirrors
+      mirror = jnp.asarray(mirror)[:, None, None, None]
+      has_mirror = mirror[:, 0, 0, 0] != hard_negatives_lib.NO_MIRROR
+      pixels = jnp.concatenate([pixels, jnp.where(mirror == hard_negatives_lib.UP_DOWN,
+                                                  pixels[:, ::-1], pixels[:, :, ::-1])], 0)
     image_embed, text_embed, scale = self._model.apply({'params': params}, tokens, pixels)
     return contrastive_loss(image_embed[:b], text_embed[:b], scale,
                             None if negative is None else text_embed[b:].reshape(

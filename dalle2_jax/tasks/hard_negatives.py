@@ -108,47 +108,68 @@ class ConverseCaptions:
     return dict(batch, objects=objects, relation=relation, caption=captions, tokens=tokens)
 
 
-class MirrorNegatives:
-  """Host-side batch flag for `config.<stage>.mirror_negatives`: `has_mirror_negative` [B],
-  True where the image mirrored left-right is false of the caption, so the clip loss can add
-  that mirrored image as a hard negative image for the caption (text -> image direction,
-  `tasks.clip.contrastive_loss`).
+MIRROR_MODES = ('none', 'left_right', 'both')
+NO_MIRROR, LEFT_RIGHT, UP_DOWN = 0, 1, 2   # values of the batch's `mirror` field
 
-  All captioned_shapes shapes are left-right symmetric, so the mirror is exactly the scene
-  with its columns reversed: false of a two-object caption with a left/right relation and of
-  a one-object caption that names a left or right column; true of everything else (above /
-  below, two objects named alike, the middle column, captions without a position), which are
-  left unflagged. Runs after Recolour and ConverseCaptions, whose `names`, `objects` and
-  `relation` it reads. The negative captions (HardNegatives) test the text tower on the
-  relation's words; this tests the image tower on where things are.
+
+class MirrorNegatives:
+  """Host-side batch field for `config.<stage>.mirror_negatives`: `mirror` int32 [B], the
+  axis along which the example's image, mirrored, is false of its caption (LEFT_RIGHT or
+  UP_DOWN; NO_MIRROR for none), so the clip loss can add that mirrored image as a hard
+  negative image for the caption (text -> image direction, `tasks.clip.contrastive_loss`).
+
+  A mirror is used only where it is exactly another captioned_shapes scene. All three shapes
+  are left-right symmetric, so mirroring left-right reverses the columns and nothing else:
+  it is false of a two-object caption with a left/right relation and of a one-object caption
+  that names a left or right column. Circles and squares are also up-down symmetric (a
+  triangle's apex would point down), so with mode 'both', scenes without a triangle are
+  also mirrored up-down where that makes the caption false (an above/below relation, a top or
+  bottom row) and left-right does not. Captions every mirror keeps true (two objects named
+  alike, the centre, no position) are left out. Runs after Recolour and ConverseCaptions,
+  whose `names`, `objects` and `relation` it reads. The negative captions (HardNegatives)
+  test the text tower on the relation's words; this tests the image tower on where things
+  are.
   """
 
   def __init__(self, config, stage: str):
-    self.enabled = bool(config[stage].get('mirror_negatives', False))
-    if self.enabled and config.data.name != 'captioned_shapes':
+    mode = config[stage].get('mirror_negatives', 'none')
+    self.mode = {False: 'none', True: 'left_right'}.get(mode, mode)
+    if self.mode not in MIRROR_MODES:
+      raise ValueError(f'config.{stage}.mirror_negatives={mode!r}; choose one of '
+                       f'{MIRROR_MODES}.')
+    if self.mode != 'none' and config.data.name != 'captioned_shapes':
       raise ValueError(f'config.{stage}.mirror_negatives needs the captioned_shapes '
-                       f'attributes; set it to False for config.data.name='
+                       f"attributes; set it to 'none' for config.data.name="
                        f'{config.data.name!r}.')
 
   def __call__(self, batch: dict) -> dict:
-    if not self.enabled:
+    if self.mode == 'none':
       return batch
-    return dict(batch, has_mirror_negative=mirror_changes_caption(
-        batch['objects'], batch['num_objects'], batch['names'], batch['relation']))
+    return dict(batch, mirror=mirror_axis(batch['objects'], batch['num_objects'],
+                                          batch['names'], batch['relation'],
+                                          up_down=self.mode == 'both'))
 
 
-def mirror_changes_caption(objects, num_objects, names, relation) -> np.ndarray:
-  """bool [B]: whether mirroring each image left-right makes its caption false."""
+def mirror_axis(objects, num_objects, names, relation, up_down: bool = False) -> np.ndarray:
+  """int32 [B]: LEFT_RIGHT where mirroring the image left-right makes its caption false,
+  else (with `up_down`, scenes without a triangle) UP_DOWN where mirroring it up-down does,
+  else NO_MIRROR."""
+  cs = captioned_shapes
   objects, names = np.asarray(objects), np.asarray(names, bool)
   two = np.asarray(num_objects) == 2
   relation = np.asarray(relation)
-  sideways = (relation == captioned_shapes.RELATIONS.index('to the left of')) | (
-      relation == captioned_shapes.RELATIONS.index('to the right of'))
   # Objects the caption names alike ("a triangle to the left of a triangle") stay true.
-  fields = [captioned_shapes.SHAPE, captioned_shapes.COLOUR, captioned_shapes.SIZE]
-  told_apart = np.any(names[:, [captioned_shapes.NAME_FIELDS.index(f) for f in
-                                ('shape', 'colour', 'size')]]
+  fields = [cs.SHAPE, cs.COLOUR, cs.SIZE]
+  told_apart = np.any(names[:, [cs.NAME_FIELDS.index(f) for f in ('shape', 'colour', 'size')]]
                       & (objects[:, 0, fields] != objects[:, 1, fields]), axis=1)
-  position = names[:, captioned_shapes.NAME_FIELDS.index('position')]
-  off_centre = objects[:, 0, captioned_shapes.COL] != 1
-  return np.where(two, sideways & told_apart, position & off_centre)
+  position = names[:, cs.NAME_FIELDS.index('position')]
+
+  def changes(relations, cell_field):
+    rel = np.isin(relation, [cs.RELATIONS.index(r) for r in relations])
+    return np.where(two, rel & told_apart, position & (objects[:, 0, cell_field] != 1))
+  out = np.where(changes(('to the left of', 'to the right of'), cs.COL), LEFT_RIGHT, NO_MIRROR)
+  if up_down:
+    symmetric = ~np.any(objects[:, :, cs.SHAPE] == cs.SHAPES.index('triangle'), axis=1)
+    out = np.where((out == NO_MIRROR) & symmetric & changes(('above', 'below'), cs.ROW),
+                   UP_DOWN, out)
+  return out.astype(np.int32)
