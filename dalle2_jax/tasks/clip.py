@@ -157,10 +157,11 @@ class ClipTask(base.Task):
     mirror = batch.get('mirror')
     has_mirror = None
     if mirror is not None:   # one image-tower pass over the images and their mirrors
-      mirror = jnp.asarray(mirror)[:, None, None, None]
-      has_mirror = mirror[:, 0, 0, 0] != hard_negatives_lib.NO_MIRROR
-      pixels = jnp.concatenate([pixels, jnp.where(mirror == hard_negatives_lib.UP_DOWN,
-                                                  pixels[:, ::-1], pixels[:, :, ::-1])], 0)
+      mirror = jnp.asarray(mirror)
+      has_mirror = mirror != hard_negatives_lib.NO_MIRROR
+      up_down = (mirror == hard_negatives_lib.UP_DOWN)[:, None, None, None]
+      pixels = jnp.concatenate(
+          [pixels, jnp.where(up_down, pixels[:, ::-1], pixels[:, :, ::-1])], 0)
     image_embed, text_embed, scale = self._model.apply({'params': params}, tokens, pixels)
     return contrastive_loss(image_embed[:b], text_embed[:b], scale,
                             None if negative is None else text_embed[b:].reshape(
