@@ -86,13 +86,13 @@ def get_config(arg=None):
     )
 
   # CLIP: zero-shot colour/shape/size/position accuracy >= 95% on `test`, >= 90% on
-  # `heldout` (python -m dalle2_jax.evaluation.zero_shot --workdir W). Measured (4000 steps,
-  # 22-33 min on 2 cores): test 100/100/100/100%, heldout 99.6/97.4/100/99.6% (without hard
-  # negatives 100/99.9/100/99.7%); binding (true caption beats colours swapped / shapes
-  # swapped / relation reversed) test 72/93/82%, heldout 61/84/71% (chance 50%); another run
-  # (runs/s16, README): 100% on all four everywhere, binding 65/90/80% and 53/85/78%. 3000 steps
-  # gave heldout position 88.8%; without the colour augmentation and the pixel stem, heldout
-  # shape was 42% (2000 steps).
+  # `heldout` (python -m dalle2_jax.evaluation.zero_shot --workdir W). Measured (runs/s24m,
+  # this config, 4000 steps, 29 min on 2 cores): test 100/100/100/100%, heldout
+  # 99.9/99.6/100/99.6%; binding (true caption beats colours swapped / shapes swapped /
+  # relation reversed) test 86/96/94%, heldout 75/89/88% (chance 50%). Before mirror
+  # negatives: binding 65-72/90-93/80-82% and 53-61/84-85/71-78%. 3000 steps gave heldout
+  # position 88.8%; without the colour augmentation and the pixel stem, heldout shape was 42%
+  # (2000 steps).
   c.clip = stage('clip', steps=4000, batch_size=128, lr=1e-3, ema_decay=0.995)
   c.clip.image_size = 64
   c.clip.optim.weight_decay = 0.05
@@ -204,12 +204,15 @@ def get_config(arg=None):
   # two-object 67.7 / 48.7 / 12.1% against 67.2 / 47.4 / 9.0% guided at every step, two-object
   # count 82% against 72%, CLIP FD 8.7 against 9.5, and 10 of the 25 steps without the
   # doubled batch. Guidance 5 in the same interval scored 62.8 / 46.4 / 11.7%.
-  # Best of 4 by CLIP (num_candidates; the sampler's decoder reranking, 4x the decoder's
-  # sampling cost): with the interval the candidates differ enough for it to pick, 70.3 /
-  # 53.1 / 19.9% (two-object count 93%); guided at every step it gained little (64 prompts
-  # a row, prior unguided: 68.2 / 35.4 / 13.3% against 67.7 / 30.7 / 14.1%).
+  # Best of N by CLIP (num_candidates; the sampler's decoder reranking, N x the decoder's
+  # sampling cost): with the interval the candidates differ enough for it to pick. On
+  # runs/s16 best of 4 scored 70.3 / 53.1 / 19.9% against 67.7 / 48.7 / 12.1% for one
+  # sample; guided at every step it gained little (64 prompts a row, prior unguided: 68.2 /
+  # 35.4 / 13.3% against 67.7 / 30.7 / 14.1%). With the mirror-negative CLIP (runs/s24c,
+  # 128 prompts a row) best of 8 scored 85.4 / 52.6 / 40.2% against best of 4's 81.0 /
+  # 53.1 / 36.7%: seen two-object prompts 61.7 against 53.9%, held-out ones unchanged.
   c.decoder.sample = dict(sampler='ddim', steps=25, guidance_scale=3.0,
-                          guidance_interval=(0, 600), num_candidates=4)
+                          guidance_interval=(0, 600), num_candidates=8)
 
   # Upsampler: 32 -> 64 px, no attention, trained on 32 px crops of the 64 px images.
   c.upsampler = stage('upsampler', steps=1500, batch_size=16, lr=3e-4, ema_decay=0.999,
