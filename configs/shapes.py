@@ -181,6 +181,9 @@ def get_config(arg=None):
       # about one standard error.
       clip_embed_map=True,
       text_encoder='clip', image_embed_drop_prob=0.1, text_drop_prob=0.5,
+      # The caption's CLIP text embedding also added to the timestep embedding (GLIDE adds
+      # its text encoder's final token there, Karlo the CLIP text embedding).
+      text_embed_in_time=False,
       attention_impl='xla',     # 'cudnn': fused, NVIDIA GPUs in bfloat16
       custom_conv_grad=False)   # True: hand-written CPU conv gradient (bench/conv_grad.py)
   # The paper's decoder predicts eps with a learned variance (configs/dalle2_paper.py). At

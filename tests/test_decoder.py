@@ -182,6 +182,37 @@ def test_empty_caption_takes_the_null_caption():
   assert np.abs(np.asarray(got[0]) - np.asarray(want[0])).max() > 1e-3
 
 
+def test_text_embed_in_time():
+  """With model.text_embed_in_time the caption's CLIP text embedding reaches the UNet through
+  the timestep embedding: the prediction moves with it where the caption is kept, not where
+  it is dropped; the own text encoder refuses the option."""
+  c = make_config(text_embed_in_time=True)
+  frozen = random_clip(c)
+  task = decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=frozen)
+  tokens = jnp.asarray(tokenizer_lib.Tokenizer.from_config(c)(['a red circle'] * 2))
+  images = jnp.zeros((2, SIZE, SIZE, 3))
+  params = nn.unbox(task.init(jax.random.PRNGKey(1), dict(image=images, tokens=tokens)))
+  assert params['text_embed_proj']['kernel'].shape == (task.embed_dim,
+                                                       4 * c.decoder.model.channels)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+                        params)
+  cond = task.conditioning(frozen.params, tokens, images=images)
+  np.testing.assert_allclose(jnp.linalg.norm(cond['text_embed'], axis=-1),
+                             np.sqrt(task.embed_dim), rtol=1e-5)
+  x = jax.random.normal(jax.random.PRNGKey(4), images.shape)
+  t = jnp.full((2,), 500)
+  other = dict(cond, text_embed=-cond['text_embed'])
+  def predict(cond, text_keep):
+    fn = task._model_fn(params, cond, jnp.ones((2,), bool), jnp.asarray(text_keep))  # pylint: disable=protected-access
+    return np.asarray(fn(x, t))
+  assert np.abs(predict(cond, [True] * 2) - predict(other, [True] * 2)).max() > 1e-3
+  np.testing.assert_array_equal(predict(cond, [False] * 2), predict(other, [False] * 2))
+  c = make_config(text_embed_in_time=True, text_encoder='own',
+                  text=dict(width=16, depth=1, heads=1))
+  with pytest.raises(ValueError, match="text_embed_in_time needs the CLIP text embedding"):
+    decoder_task.DecoderTask(c, 'decoder', '/tmp/unused', frozen_clip=frozen)
+
+
 def test_clip_embeds_the_image_at_its_own_resolution(shapes, monkeypatch):
   """A decoder below CLIP's resolution loads images at CLIP's size (the prior's embedding
   space) and trains on them resized to its own."""

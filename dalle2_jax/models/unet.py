@@ -393,12 +393,17 @@ class Decoder(nn.Module):
       function of the embedding (on captioned_shapes: two-object scenes' layout).
     text_encoder: 'clip' (caption token encodings from the frozen CLIP text tower, passed
       as `text_encodings`) or 'own' (a `TextEncoder` trained with the decoder, fed `tokens`).
+    text_embed_in_time: also project the caption's CLIP text embedding (`text_embed`) and
+      add it to the timestep embedding, beside the image embedding's projection (GLIDE adds
+      its text encoder's final token there; Karlo the CLIP text embedding). Dropped with
+      the caption (`text_keep`). 'clip' encoder only.
     text: TextEncoder fields (width, depth, heads, vocab_size, context_length), 'own' only.
   """
   unet: UNet
   num_clip_tokens: int = 4
   clip_embed_map: bool = False
   text_encoder: str = 'clip'
+  text_embed_in_time: bool = False
   text: dict | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -407,11 +412,13 @@ class Decoder(nn.Module):
   def __call__(self, x: Array, t: Array, clip_image_embed: Array,
                text_encodings: Array | None = None, text_mask: Array | None = None,
                tokens: Array | None = None, image_embed_keep: Array | None = None,
-               text_keep: Array | None = None, train: bool = False) -> Array:
+               text_keep: Array | None = None, text_embed: Array | None = None,
+               train: bool = False) -> Array:
     """Predicts the diffusion target for x [B, H, W, 3] at timestep t [B].
 
     clip_image_embed: [B, E]. text_encodings/text_mask: [B, L, D] / [B, L] bool
-    ('clip' encoder). tokens: int32 [B, L] ('own' encoder). image_embed_keep/text_keep:
+    ('clip' encoder). text_embed: [B, E] (`text_embed_in_time` only). tokens: int32 [B, L]
+    ('own' encoder). image_embed_keep/text_keep:
     bool [B], False where classifier-free guidance drops that condition (None = keep all).
     """
     b = x.shape[0]
@@ -435,6 +442,15 @@ class Decoder(nn.Module):
       z = jnp.where(image_embed_keep[:, None], z, null_embed[None].astype(self.dtype))
     extra_emb = dense(self.unet.emb_dim, (None, 'mlp'), self.dtype, self.param_dtype,
                       'clip_embed_proj')(z)
+    if self.text_embed_in_time:
+      if text_embed is None or self.text_encoder != 'clip':
+        raise ValueError("Decoder with text_embed_in_time needs text_encoder='clip' and "
+                         '`text_embed`.')
+      zt = text_embed.astype(self.dtype)
+      if text_keep is not None:
+        zt = jnp.where(text_keep[:, None], zt, 0.0)
+      extra_emb = extra_emb + dense(self.unet.emb_dim, (None, 'mlp'), self.dtype,
+                                    self.param_dtype, 'text_embed_proj')(zt)
     extra_map = None
     if self.clip_embed_map:
       shape = self.unet.lowest_map_shape(x.shape[1])

@@ -88,6 +88,9 @@ def build_decoder(config, stage: str = 'decoder') -> unet_lib.Decoder:
   if text_encoder not in TEXT_ENCODERS:
     raise ValueError(f'config.{stage}.model.text_encoder={text_encoder!r}; choose one of '
                      f'{TEXT_ENCODERS}.')
+  if m.get('text_embed_in_time', False) and text_encoder != 'clip':
+    raise ValueError(f'config.{stage}.model.text_embed_in_time needs the CLIP text '
+                     f"embedding: set text_encoder='clip' or text_embed_in_time=False.")
   learned = bool(sc.diffusion.get('learned_variance', False))
   dtype = stage_dtype(config, stage)
   net = unet_lib.unet_from_config(m, out_channels=6 if learned else 3,
@@ -99,6 +102,7 @@ def build_decoder(config, stage: str = 'decoder') -> unet_lib.Decoder:
       unet=net, num_clip_tokens=int(m.get('num_clip_tokens', 4)),
       clip_embed_map=bool(m.get('clip_embed_map', False)),
       text_encoder=text_encoder,
+      text_embed_in_time=bool(m.get('text_embed_in_time', False)),
       text=text_config(config, stage) if text_encoder == 'own' else None, dtype=dtype)
 
 
@@ -109,13 +113,16 @@ def decoder_inputs(config, stage: str, batch_size: int, embed_dim: int,
   size = int(sc.image_size)
   length = int(config.tokenizer.context_length)
   own = sc.model.get('text_encoder', 'clip') == 'own'
+  text_embed = (jnp.zeros((batch_size, embed_dim)) if sc.model.get('text_embed_in_time', False)
+                else None)
   return dict(
       x=jnp.zeros((batch_size, size, size, 3)), t=jnp.zeros((batch_size,), jnp.int32),
       clip_image_embed=jnp.zeros((batch_size, embed_dim)),
       text_encodings=None if own else jnp.zeros((batch_size, length, clip_text_width)),
       text_mask=None if own else jnp.ones((batch_size, length), bool),
       tokens=jnp.ones((batch_size, length), jnp.int32) if own else None,
-      image_embed_keep=jnp.ones((batch_size,), bool), text_keep=jnp.ones((batch_size,), bool))
+      image_embed_keep=jnp.ones((batch_size,), bool), text_keep=jnp.ones((batch_size,), bool),
+      text_embed=text_embed)
 
 
 def cond_drop_masks(rng, batch_size: int, image_embed_drop_prob: float,
@@ -212,9 +219,12 @@ class DecoderTask(base.Task):
     if self.text_encoder == 'own':
       cond['tokens'] = tokens
     else:
-      _, text_enc, mask = clip_lib.encode_text(self.clip.config, frozen, tokens)
+      text_embed, text_enc, mask = clip_lib.encode_text(self.clip.config, frozen, tokens)
       cond['text_encodings'] = jax.lax.stop_gradient(text_enc)
       cond['text_mask'] = mask
+      if self._model.text_embed_in_time:
+        cond['text_embed'] = clip_lib.l2_normalize(jax.lax.stop_gradient(text_embed)) * math.sqrt(
+            self.embed_dim)
     return cond
 
   def _model_fn(self, params, cond, image_keep, text_keep, train=False, dropout_rng=None):
@@ -278,6 +288,8 @@ class DecoderTask(base.Task):
     emb = 4 * int(m.channels)
     proj = (flops_lib.dense_flops(1, self.embed_dim, emb)
             + flops_lib.dense_flops(1, self.embed_dim, k * width))
+    if self._model.text_embed_in_time:
+      proj += flops_lib.dense_flops(1, self.embed_dim, emb)
     if self._model.clip_embed_map:
       shape = self._model.unet.lowest_map_shape(self.image_size)
       proj += flops_lib.dense_flops(1, self.embed_dim, math.prod(shape))
