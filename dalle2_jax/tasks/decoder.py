@@ -90,7 +90,7 @@ def build_decoder(config, stage: str = 'decoder') -> unet_lib.Decoder:
                      f'{TEXT_ENCODERS}.')
   if m.get('text_embed_in_time', False) and text_encoder != 'clip':
     raise ValueError(f'config.{stage}.model.text_embed_in_time needs the CLIP text '
-                     f"embedding: set text_encoder='clip' or text_embed_in_time=False.")
+                     "embedding: set text_encoder='clip' or text_embed_in_time=False.")
   learned = bool(sc.diffusion.get('learned_variance', False))
   dtype = stage_dtype(config, stage)
   net = unet_lib.unet_from_config(m, out_channels=6 if learned else 3,
@@ -200,9 +200,9 @@ class DecoderTask(base.Task):
     return self.recolour(batch)
 
   # --- conditioning -----------------------------------------------------------------------
-  def normalize_image_embed(self, image_embed):
-    """CLIP space -> the decoder's input: unit vector x sqrt(D)."""
-    return clip_lib.l2_normalize(image_embed) * math.sqrt(self.embed_dim)
+  def normalize_embed(self, embed):
+    """A CLIP image or text embedding -> the decoder's input: unit vector x sqrt(D)."""
+    return clip_lib.l2_normalize(embed) * math.sqrt(self.embed_dim)
 
   def conditioning(self, frozen, tokens, images=None, clip_image_embed=None
                    ) -> dict[str, jax.Array]:
@@ -214,7 +214,7 @@ class DecoderTask(base.Task):
       if images is None:
         raise ValueError('The decoder needs images or clip_image_embed.')
       clip_image_embed = clip_lib.encode_image(self.clip.config, frozen, images)
-    cond = dict(clip_image_embed=self.normalize_image_embed(
+    cond = dict(clip_image_embed=self.normalize_embed(
         jax.lax.stop_gradient(clip_image_embed)))
     if self.text_encoder == 'own':
       cond['tokens'] = tokens
@@ -223,8 +223,7 @@ class DecoderTask(base.Task):
       cond['text_encodings'] = jax.lax.stop_gradient(text_enc)
       cond['text_mask'] = mask
       if self._model.text_embed_in_time:
-        cond['text_embed'] = clip_lib.l2_normalize(jax.lax.stop_gradient(text_embed)) * math.sqrt(
-            self.embed_dim)
+        cond['text_embed'] = self.normalize_embed(jax.lax.stop_gradient(text_embed))
     return cond
 
   def _model_fn(self, params, cond, image_keep, text_keep, train=False, dropout_rng=None):
