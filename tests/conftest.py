@@ -11,7 +11,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-jax.config.update('jax_platforms', 'cpu')
+# DALLE2_JAX_TEST_GPU=1 keeps the GPU (tests/test_gpu.py; every other test runs there too).
+if os.environ.get('DALLE2_JAX_TEST_GPU') != '1':
+  jax.config.update('jax_platforms', 'cpu')
 
 
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

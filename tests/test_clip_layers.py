@@ -135,8 +135,9 @@ def test_attend_fused_arguments_match_ours_in_float32(mask_shape):
 
 def test_attend_hands_cudnn_only_what_it_takes(monkeypatch):
   """What an H200 run showed cuDNN's fused attention (jax 0.11.2) refuses: a single query
-  row (the prior's last block: 'Unsupported sequence length Q 1') goes the plain path, and
-  under vmap (UnCLIP's sampler) the mask carries every head, since the kernel's batching
+  row (the prior's last block: 'Unsupported sequence length Q 1') goes the plain path; with
+  a mask (a bias) its training kernel takes even lengths only (jax's check_is_flash_attention),
+  so odd ones are padded (5 queries, 9 keys -> 6, 10); and under vmap (UnCLIP's sampler) the mask carries every head, since the kernel's batching
   rule reshapes it to [batch x B, heads, Lq, Lk]."""
   seen = []
 
@@ -149,7 +150,7 @@ def test_attend_hands_cudnn_only_what_it_takes(monkeypatch):
   mask = jnp.ones((4, 2, 1, 1, 9), bool)
   jax.vmap(lambda q, k, v, m: layers.attend(q, k, v, m, jnp.bfloat16, fused='cudnn'))(
       q, k, v, mask)
-  assert seen == [((2, 5, 3, 8), (2, 3, 5, 9), 'cudnn')]
+  assert seen == [((2, 6, 3, 8), (2, 3, 6, 10), 'cudnn')]
   seen.clear()
   out = layers.attend(q[0, :, :1], k[0], v[0], mask[0], jnp.bfloat16, fused='cudnn')
   assert not seen and out.shape == (2, 1, 3, 8)

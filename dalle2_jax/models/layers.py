@@ -198,13 +198,22 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype,
   # cuDNN's kernel takes no single-query attention (the prior's last block); the plain path
   # is as fast there.
   if fused is not None and q.shape[1] > 1:
+    lq = q.shape[1]
     if mask is not None:
       # Every head explicit: jax's vmap rule for the cuDNN kernel (UnCLIP's sampler vmaps
       # over examples) reshapes the mask as if it had one row per head.
-      b, lq, h, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+      b, h, lk = q.shape[0], q.shape[2], k.shape[1]
       mask = jnp.broadcast_to(mask, (b, h, lq, lk))
-    return jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                        mask=mask, scale=scale, implementation=fused)
+      # With a mask (a bias to cuDNN) its training kernel takes even lengths only: an odd
+      # one gets a masked key, or a query row that is dropped again.
+      pad_q, pad_k = lq % 2, lk % 2
+      pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+      q, k, v = pad(q, pad_q), pad(k, pad_k), pad(v, pad_k)
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad_k)), constant_values=False)
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_q), (0, 0)), constant_values=True)
+    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                       mask=mask, scale=scale, implementation=fused)
+    return out[:, :lq]
   logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32) * scale,
                       k.astype(jnp.float32))
   if mask is not None:
