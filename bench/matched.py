@@ -204,8 +204,9 @@ _GPU_TRAIN = (
              head_channels=64, embed_dim=512, text_width=512, peer_heads=8, steps=20,
              warmup=5),
     # Batch 128 ran out of memory on an 80 GB H100 with XLA's attention (a 49.8 GiB
-    # allocation: the float32 attention logits at 32 px, 1024 tokens); 64, and cuDNN's fused
-    # attention, which keeps no logits, are untried.
+    # allocation: the float32 attention logits at 32 px, 1024 tokens); batch 64 with cuDNN's
+    # fused attention, which keeps no logits, has not run as a training step yet (its sizes
+    # sampled at 64 px on an H200: README Performance).
     _decoder('decoder_gpu_m', 'gpu_m', batch=64, image_size=64, channels=192,
              channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_resolutions=(32, 16, 8),
              head_channels=64, embed_dim=512, text_width=512, peer_heads=12, steps=20,
