@@ -182,10 +182,11 @@ def get_config(arg=None):
       clip_embed_map=True,
       text_encoder='clip', image_embed_drop_prob=0.1, text_drop_prob=0.5,
       # The caption's CLIP text embedding also added to the timestep embedding (GLIDE adds
-      # its text encoder's final token there, Karlo the CLIP text embedding). On runs/s26
-      # (another CLIP; docs/shapes_experiments.md) held-out fully specified prompts 93% vs
-      # 71% (position 100%), seen 81.0 vs 85.4%: awaiting a same-CLIP control.
-      text_embed_in_time=False,
+      # its text encoder's final token there, Karlo the CLIP text embedding). Same CLIP and
+      # prior, 128 prompts a row (docs/shapes_experiments.md): seen / held-out / two-object
+      # 81.0 / 60.2 / 37.9% with it (runs/s26), 76.3 / 58.9 / 30.9% without (runs/s27);
+      # two-object prompts of seen pairs 56.2 against 44.5%.
+      text_embed_in_time=True,
       attention_impl='xla',     # 'cudnn': fused, NVIDIA GPUs in bfloat16
       custom_conv_grad=False)   # True: hand-written CPU conv gradient (bench/conv_grad.py)
   # The paper's decoder predicts eps with a learned variance (configs/dalle2_paper.py). At
