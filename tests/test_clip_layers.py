@@ -136,9 +136,10 @@ def test_attend_fused_arguments_match_ours_in_float32(mask_shape):
 def test_attend_hands_cudnn_only_what_it_takes(monkeypatch):
   """What an H200 run showed cuDNN's fused attention (jax 0.11.2) refuses: a single query
   row (the prior's last block: 'Unsupported sequence length Q 1') goes the plain path; with
-  a mask (a bias) its training kernel takes even lengths only (jax's check_is_flash_attention),
-  so odd ones are padded (5 queries, 9 keys -> 6, 10); and under vmap (UnCLIP's sampler) the mask carries every head, since the kernel's batching
-  rule reshapes it to [batch x B, heads, Lq, Lk]."""
+  a mask (a bias) its training kernel takes even lengths only (jax's
+  check_is_flash_attention), so odd ones are padded (5 queries, 9 keys -> 6, 10); and under
+  vmap (UnCLIP's sampler) the mask carries every head, since the kernel's batching rule
+  reshapes it to [batch x B, heads, Lq, Lk]."""
   seen = []
 
   def fake(q, k, v, mask=None, scale=None, implementation=None):

@@ -418,8 +418,8 @@ class Decoder(nn.Module):
 
     clip_image_embed: [B, E]. text_encodings/text_mask: [B, L, D] / [B, L] bool
     ('clip' encoder). text_embed: [B, E] (`text_embed_in_time` only). tokens: int32 [B, L]
-    ('own' encoder). image_embed_keep/text_keep:
-    bool [B], False where classifier-free guidance drops that condition (None = keep all).
+    ('own' encoder). image_embed_keep/text_keep: bool [B], False where classifier-free
+    guidance drops that condition (None = keep all).
     """
     b = x.shape[0]
     if self.text_encoder == 'own':
