@@ -159,7 +159,8 @@ def get_config(arg=None):
   # 15000 steps: 100 min at the 0.40 s/step of a 2-core Intel Xeon, 66 min at an AMD EPYC's
   # 0.26. runs/s26's 10000-step decoder resumed to 15000 (runs/s28) scored seen / held-out /
   # two-object 86.2 / 63.5 / 44.5% against 81.0 / 60.2 / 37.9% (128 prompts a row), past
-  # the 2-hour budget on the Xeon (docs/shapes_experiments.md).
+  # the 2-hour budget on the Xeon; on to 20000 (runs/s29) 84.6 / 65.6 / 44.1%, no more gain
+  # beyond the noise (docs/shapes_experiments.md).
   c.decoder = stage('decoder', steps=15000, batch_size=16, lr=6e-4, ema_decay=0.999,
                     ema_warmup_steps=200)
   # A quarter of the examples get off-palette colours and colour-free captions (as CLIP's
