@@ -116,6 +116,14 @@ def get_config(arg=None):
   # colour/shape binding from 71.8/76.0 to 86.3/96.2%, positions kept (runs/s24m,
   # docs/shapes_experiments.md).
   c.clip.mirror_negatives = 'left_right'
+  # A two-object image with its objects' colours exchanged as the hard negative image
+  # instead, where that draws no held-out pair (tasks/hard_negatives.py MirrorNegatives).
+  # On `heldout` (runs/s33 against runs/s26, docs/shapes_experiments.md 2026-12-05): binding
+  # colours / shapes / relation 87.3 / 89.3 / 86.9% against 76.7 / 82.7 / 82.5%, the text
+  # embedding's colour binding 73.9 against 59.7% and the prior's 68.6 against 61.9%
+  # (python -m dalle2_jax.tasks.prior), single objects kept. Off until a decoder on such a
+  # CLIP has been evaluated end to end.
+  c.clip.colour_swap_negatives = False
   c.clip.model = dict(
       embed_dim=64,
       text=dict(width=64, depth=2, heads=2, vocab_size=49408, activation='quick_gelu'),

@@ -360,6 +360,23 @@ def test_mirror_negative_images_in_the_loss_match_numpy():
   np.testing.assert_allclose(plain, reference_loss(img, txt, 10.0), rtol=1e-5)
 
 
+def assert_loss_takes_negative_images(config, batch, mirror, negative_images):
+  """The clip task's prepared `batch` gets the `mirror` kinds, and its loss is
+  contrastive_loss with the embeddings of `negative_images` as the negative images."""
+  from dalle2_jax.tasks import hard_negatives as hn  # pylint: disable=g-import-not-at-top
+  task = clip_task.ClipTask(config, 'clip', '')
+  prepared = task.prepare_batch(batch)
+  np.testing.assert_array_equal(prepared['mirror'], mirror)
+  params = task.init(jax.random.key(0), prepared)
+  loss, metrics = task.loss(params, prepared, jax.random.key(1))
+  img, txt, scale = task.embed(params, batch)
+  neg_img, _, _ = task.embed(params, dict(batch, image=negative_images))
+  ref, ref_metrics = clip_task.contrastive_loss(img, txt, scale, mirror_embed=neg_img,
+                                                has_mirror=mirror != hn.NO_MIRROR)
+  np.testing.assert_allclose(loss, ref, rtol=1e-4)
+  np.testing.assert_allclose(metrics['mirror_top1'], ref_metrics['mirror_top1'])
+
+
 @pytest.mark.parametrize('mode', ['left_right', 'both'])
 def test_mirror_negatives_flag_exactly_the_captions_the_mirror_makes_false(mode):
   """MirrorNegatives marks an example with an axis iff the scorer finds its caption false of
@@ -397,22 +414,71 @@ def test_mirror_negatives_flag_exactly_the_captions_the_mirror_makes_false(mode)
   small['tokens'] = tokenizer_lib.Tokenizer.from_config(config)(
       [examples[i]['caption'] for i in pick])
   config.clip.recolour_prob, config.clip.hard_negatives = 0.0, False   # the mirror alone
-  task = clip_task.ClipTask(config, 'clip', '')
-  prepared = task.prepare_batch(small)
-  np.testing.assert_array_equal(prepared['mirror'], mirror[pick])
-  params = task.init(jax.random.key(0), prepared)
-  loss, metrics = task.loss(params, prepared, jax.random.key(1))
   flipped = np.stack([im if m == hn.NO_MIRROR else im[::-1] if m == hn.UP_DOWN else im[:, ::-1]
                       for im, m in zip(small['image'], mirror[pick])])
-  img, txt, scale = task.embed(params, small)
-  mirror_img, _, _ = task.embed(params, dict(small, image=flipped))
-  ref, ref_metrics = clip_task.contrastive_loss(img, txt, scale, mirror_embed=mirror_img,
-                                                has_mirror=mirror[pick] != hn.NO_MIRROR)
-  np.testing.assert_allclose(loss, ref, rtol=1e-4)
-  np.testing.assert_allclose(metrics['mirror_top1'], ref_metrics['mirror_top1'])
+  assert_loss_takes_negative_images(config, small, mirror[pick], flipped)
   config.data.name = 'tfds'
   with pytest.raises(ValueError, match='mirror_negatives'):
     hn.MirrorNegatives(config, 'clip')
   config.clip.mirror_negatives = 'sideways'
   with pytest.raises(ValueError, match='mirror_negatives'):
+    hn.MirrorNegatives(config, 'clip')
+
+
+def test_colour_swap_negatives_are_the_scene_with_its_colours_exchanged():
+  """config.clip.colour_swap_negatives: where a two-object caption names colours, the
+  example may get its image with the two objects' colours exchanged as its negative image
+  (`mirror` = COLOUR_SWAP): exactly the scene re-rendered with the colours swapped (same
+  jitter), false of the caption by the scorer, never a held-out pair; always where no mirror
+  applies, otherwise instead of the mirror about half the time. The clip loss embeds it in
+  the mirror's place."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.tasks import hard_negatives as hn  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config()
+  config.unlock()
+  config.clip.colour_swap_negatives = True
+  config.clip.recolour_prob, config.clip.hard_negatives = 0.0, False
+  n = 240
+  examples = [cs.make_example('train', i) for i in range(n)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in
+           ('objects', 'num_objects', 'relation', 'names')}
+  batch['image'] = np.stack([e['image'] for e in examples]).astype(np.float32) / 127.5 - 1
+  batch['tokens'] = tokenizer_lib.Tokenizer.from_config(config)(
+      [e['caption'] for e in examples])
+  out = hn.MirrorNegatives(config, 'clip')(batch)
+  mirror, swap_image = out['mirror'], out['swap_image']
+  plain = hn.mirror_axis(batch['objects'], batch['num_objects'], batch['names'],
+                         batch['relation'])
+  applies = cs.colour_swap_applies(batch['objects'], batch['num_objects'], batch['names'])
+  swapped = mirror == hn.COLOUR_SWAP
+  assert applies.sum() > 15 and not np.any(swapped & ~applies)
+  np.testing.assert_array_equal(swapped, applies & ((plain == hn.NO_MIRROR) | swapped))
+  both = applies & (plain != hn.NO_MIRROR)
+  assert 0 < np.sum(swapped & both) < np.sum(both)          # the mirror's place, some of the time
+  np.testing.assert_array_equal(mirror[~swapped], plain[~swapped])
+  np.testing.assert_array_equal(swap_image[~swapped], batch['image'][~swapped])
+  for i in np.flatnonzero(swapped):
+    e = examples[i]
+    objects = e['objects'].copy()
+    objects[[0, 1], cs.COLOUR] = objects[[1, 0], cs.COLOUR]
+    assert not any(cs.is_held_out(int(o[cs.COLOUR]), int(o[cs.SHAPE])) for o in objects)
+    jitter = cs.sample_layout(cs.split_rng('train', i, 0), 'train', None)['jitter']
+    np.testing.assert_allclose((swap_image[i] + 1) * 127.5, cs.render(objects, jitter),
+                               atol=0.5)
+    args = (e['objects'], e['num_objects'], e['relation'], e['names'])
+    assert not scoring.check(scoring.detect(cs.render(objects, jitter)), *args)['overall']
+  # The loss embeds the swapped image where the mirror would go.
+  # (examples whose kind is not drawn at random: the draw is seeded by the batch's tokens)
+  pick = np.concatenate([np.flatnonzero((mirror == m) & ~both)[:2] for m in
+                         (hn.NO_MIRROR, hn.LEFT_RIGHT, hn.COLOUR_SWAP)])
+  small = {k: v[pick] for k, v in batch.items()}
+  negative = np.stack([swap_image[i] if mirror[i] == hn.COLOUR_SWAP else
+                       batch['image'][i][:, ::-1] for i in pick])
+  assert_loss_takes_negative_images(config, small, mirror[pick], negative)
+  config.data.name = 'tfds'
+  config.clip.mirror_negatives = 'none'
+  with pytest.raises(ValueError, match='colour_swap_negatives'):
     hn.MirrorNegatives(config, 'clip')

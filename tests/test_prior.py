@@ -273,6 +273,18 @@ def test_trained_prior_beats_text_embedding_baseline(clip_workdir, tmp_path):
   # it uses the text: better than the mean image embedding, and each sample is nearest to
   # its own caption's image embedding
   assert pred > mean_base, (pred, mean_base)
+  # Scenes the captions are false of (here: another pair's image): each sample is nearer
+  # its own image than that one (evaluate_split's colour_binding uses colour swaps).
+  swap = np.roll(images, 1, axis=0)
+  ev2 = jax.jit(lambda r: task.evaluate(params, task.frozen_params(),
+                                        dict(tokens=tokens, image=images, swap_image=swap), r,
+                                        sampler='ddim', steps=16, num_candidates=2))(
+                                            jax.random.PRNGKey(0))
+  np.testing.assert_allclose(ev2['cos_pred_image'], ev['cos_pred_image'], rtol=1e-5)
+  unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+  np.testing.assert_allclose(ev2['cos_text_swap'],
+                             np.sum(unit(te) * unit(np.roll(ie, 1, axis=0)), -1), atol=1e-4)
+  assert np.mean(ev2['cos_pred_image'] > ev2['cos_pred_swap']) >= 0.75
   emb = jax.jit(lambda r: task.sample_image_embed(params, task.frozen_params(), tokens, r,
                                                   steps=16))(jax.random.PRNGKey(1))
   sims = np.asarray(clip_lib.l2_normalize(emb)) @ np.asarray(clip_lib.l2_normalize(ie)).T

@@ -246,22 +246,53 @@ def recolour(image: np.ndarray, objects: np.ndarray, num_objects: int, names: np
   Teaches the image tower shape, size and position features that do not depend on colour,
   without showing a held-out (colour, shape) pair.
   """
-  u = (np.asarray(image, np.float32) + 1.0) * 127.5                     # [H, W, 3] in 0..255
   n = int(num_objects)
-  cols = PALETTE[objects[:n, COLOUR]].astype(np.float32)              # [n, 3]
+  new = np.stack([random_colour(rng, int(objects[i, SHAPE])) for i in range(n)]).astype(
+      np.float32)
+  out = _repaint(image, objects[:n], new)
+  names = np.array(names, bool)
+  names[1] = False
+  caption = caption_of(dict(objects=objects, names=names, template=int(rng.integers(1 << 16)),
+                            num_objects=n, relation=int(relation)))
+  return out, caption
+
+
+def _repaint(image: np.ndarray, objects: np.ndarray, colours: np.ndarray) -> np.ndarray:
+  """The image with each object's palette colour replaced by `colours` [n, 3] (0..255).
+
+  image: float [H, W, 3] in [-1, 1] at any size. Each lit pixel is alpha x the palette
+  colour of the object it matches best (anti-aliased edges keep their coverage alpha)."""
+  u = (np.asarray(image, np.float32) + 1.0) * 127.5                     # [H, W, 3] in 0..255
+  cols = PALETTE[objects[:, COLOUR]].astype(np.float32)               # [n, 3]
   alpha = np.einsum('hwc,nc->hwn', u, cols) / np.sum(cols * cols, axis=1)
   alpha = np.clip(alpha, 0.0, 1.0)
   resid = np.sum((u[..., None, :] - alpha[..., None] * cols) ** 2, axis=-1)   # [H, W, n]
   k = np.argmin(resid, axis=-1)
   a = np.take_along_axis(alpha, k[..., None], axis=-1)[..., 0]
-  new = np.stack([random_colour(rng, int(objects[i, SHAPE])) for i in range(n)]).astype(
-      np.float32)
-  out = np.where((u.max(-1) > 8.0)[..., None], a[..., None] * new[k], 0.0)
-  names = np.array(names, bool)
-  names[1] = False
-  caption = caption_of(dict(objects=objects, names=names, template=int(rng.integers(1 << 16)),
-                            num_objects=n, relation=int(relation)))
-  return (out / 127.5 - 1.0).astype(np.asarray(image).dtype), caption
+  out = np.where((u.max(-1) > 8.0)[..., None], a[..., None] * colours[k], 0.0)
+  return (out / 127.5 - 1.0).astype(np.asarray(image).dtype)
+
+
+def colour_swap_applies(objects, num_objects, names, allow_held_out: bool = False
+                        ) -> np.ndarray:
+  """bool [B]: the scene's two objects, their colours exchanged, make another
+  captioned_shapes scene that the caption is false of: two objects of different colours,
+  a caption that names colours, and (unless `allow_held_out`, for evaluation) neither new
+  (colour, shape) pair held out, so held-out pairs stay unseen in training images."""
+  objects, names = np.asarray(objects), np.asarray(names, bool)
+  c0, c1 = objects[:, 0, COLOUR], objects[:, 1, COLOUR]
+  s0, s1 = objects[:, 0, SHAPE], objects[:, 1, SHAPE]
+  held = np.array([is_held_out(int(a), int(b)) or is_held_out(int(c), int(d))
+                   for a, b, c, d in zip(c1, s0, c0, s1)], bool)
+  return ((np.asarray(num_objects) == 2) & names[:, NAME_FIELDS.index('colour')]
+          & (c0 != c1) & (allow_held_out | ~held))
+
+
+def swap_colours(image: np.ndarray, objects: np.ndarray) -> np.ndarray:
+  """The two-object image with the objects' colours exchanged (pixel for pixel: the same
+  shapes, sizes, places and jitter). image: float [H, W, 3] in [-1, 1]."""
+  objects = np.asarray(objects)[:2]
+  return _repaint(image, objects, PALETTE[objects[::-1, COLOUR]].astype(np.float32))
 
 
 OPPOSITE_RELATION = (1, 0, 3, 2)   # index into RELATIONS of each relation's converse

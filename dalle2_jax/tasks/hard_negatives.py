@@ -109,7 +109,8 @@ class ConverseCaptions:
 
 
 MIRROR_MODES = ('none', 'left_right', 'both')
-NO_MIRROR, LEFT_RIGHT, UP_DOWN = 0, 1, 2   # values of the batch's `mirror` field
+# Values of the batch's `mirror` field: which negative image an example's caption gets.
+NO_MIRROR, LEFT_RIGHT, UP_DOWN, COLOUR_SWAP = 0, 1, 2, 3
 
 
 class MirrorNegatives:
@@ -129,6 +130,13 @@ class MirrorNegatives:
   whose `names`, `objects` and `relation` it reads. The negative captions (HardNegatives)
   test the text tower on the relation's words; this tests the image tower on where things
   are.
+
+  With `config.<stage>.colour_swap_negatives`, a two-object image whose objects' colours,
+  exchanged, make a scene its caption is false of (`captioned_shapes.colour_swap_applies`:
+  no held-out pair drawn) may instead get that image (`swap_image`, float like `image`;
+  `mirror` = COLOUR_SWAP): always where no mirror applies, else half the time (seeded by the
+  batch's tokens). The negative captions test which colour goes with which shape from the
+  image's side; this tests it from the caption's, the direction the prior samples in.
   """
 
   def __init__(self, config, stage: str):
@@ -142,12 +150,32 @@ class MirrorNegatives:
                        f"attributes; set it to 'none' for config.data.name="
                        f'{config.data.name!r}.')
 
+    self.colour_swap = bool(config[stage].get('colour_swap_negatives', False))
+    if self.colour_swap and config.data.name != 'captioned_shapes':
+      raise ValueError(f'config.{stage}.colour_swap_negatives needs the captioned_shapes '
+                       'attributes; set it to False for config.data.name='
+                       f'{config.data.name!r}.')
+
   def __call__(self, batch: dict) -> dict:
-    if self.mode == 'none':
+    if self.mode == 'none' and not self.colour_swap:
       return batch
-    return dict(batch, mirror=mirror_axis(batch['objects'], batch['num_objects'],
-                                          batch['names'], batch['relation'],
-                                          up_down=self.mode == 'both'))
+    mirror = mirror_axis(batch['objects'], batch['num_objects'], batch['names'],
+                         batch['relation'], up_down=self.mode == 'both')
+    if self.mode == 'none':
+      mirror[:] = NO_MIRROR
+    if not self.colour_swap:
+      return dict(batch, mirror=mirror)
+    tokens = np.ascontiguousarray(batch['tokens'])
+    rng = np.random.default_rng(zlib.crc32(tokens.tobytes()) + 2)
+    swap = (captioned_shapes.colour_swap_applies(batch['objects'], batch['num_objects'],
+                                                 batch['names'])
+            & ((mirror == NO_MIRROR) | (rng.random(len(mirror)) < 0.5)))
+    images = np.asarray(batch['image'])
+    swap_image = np.array(images)
+    for i in np.flatnonzero(swap):
+      swap_image[i] = captioned_shapes.swap_colours(images[i], batch['objects'][i])
+    return dict(batch, mirror=np.where(swap, COLOUR_SWAP, mirror).astype(np.int32),
+                swap_image=swap_image)
 
 
 def mirror_axis(objects, num_objects, names, relation, up_down: bool = False) -> np.ndarray:

@@ -290,17 +290,25 @@ class PriorTask(base.Task):
     text-blind baseline, the mean true image embedding (`mean_image_embed`, default the
     batch's) vs each z_i. CLIP embeddings share a large common direction (and image and
     text embeddings lie in different cones), so beating cos_text_image mostly shows the
-    prior lands in the image cone; beating cos_mean_image shows it uses the text.
+    prior lands in the image cone; beating cos_mean_image shows it uses the text. With
+    batch['swap_image'] (images the captions are false of) also cos_pred_swap and
+    cos_text_swap: the sample's and the text embedding's cosines with their embeddings.
     """
     text_embed, _, _, image_embed = self.encode(frozen, batch['tokens'], batch['image'])
     pred = self.sample_image_embed(params, frozen, batch['tokens'], rng, **sample_kw)
     if mean_image_embed is None:
       mean_image_embed = jnp.mean(clip_lib.l2_normalize(image_embed), axis=0)
     mean = jnp.broadcast_to(jnp.asarray(mean_image_embed, jnp.float32), image_embed.shape)
-    return dict(cos_pred_image=cosine(pred, image_embed),
-                cos_text_image=cosine(text_embed, image_embed),
-                cos_pred_text=cosine(pred, text_embed),
-                cos_mean_image=cosine(mean, image_embed))
+    out = dict(cos_pred_image=cosine(pred, image_embed),
+               cos_text_image=cosine(text_embed, image_embed),
+               cos_pred_text=cosine(pred, text_embed),
+               cos_mean_image=cosine(mean, image_embed))
+    if 'swap_image' in batch:   # a scene the caption is false of (evaluate_split)
+      swap_embed = jax.lax.stop_gradient(
+          clip_lib.encode_image(self.clip.config, frozen, batch['swap_image']))
+      out.update(cos_pred_swap=cosine(pred, swap_embed),
+                 cos_text_swap=cosine(text_embed, swap_embed))
+    return out
 
 
 # --- evaluation on a dataset split ----------------------------------------------------------
@@ -308,15 +316,28 @@ class PriorTask(base.Task):
 def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
                    batch_size: int = 128, **sample_kw) -> dict[str, float]:
   """Mean cosines over the first `num` examples of `split`: sampled prior embeddings vs the
-  true CLIP image embeddings, and the text-embedding baseline (see `PriorTask.evaluate`)."""
+  true CLIP image embeddings, and the text-embedding baseline (see `PriorTask.evaluate`).
+
+  On captioned_shapes also colour_binding: of the two-object examples whose caption the
+  objects' colours swapped would make false (num_colour_binding of them), how often the
+  sample is nearer (cosine) the true image's CLIP embedding than the swapped image's; and
+  colour_binding_text, the same for the caption's text embedding. 50% is no binding: the
+  two embeddings are close, so this tests the detail that decides which object gets which
+  colour."""
   from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
   ex = pipeline.load_examples(task.config, split, num, image_size=task.clip.image_size)
   n = len(ex['caption'])
   if not n:
     raise ValueError(f'Split {split!r} has no examples.')
   tok = tokenizer_lib.Tokenizer.from_config(task.config)
   frozen = task.frozen_params()
+  # captioned_shapes: the two-object scenes whose colours, swapped, make the caption false
+  # (held-out pairs allowed: nothing here trains)
+  swappable = (captioned_shapes.colour_swap_applies(ex['objects'], ex['num_objects'],
+                                                    ex['names'], allow_held_out=True)
+               if 'objects' in ex else None)
 
   def batches():
     for s in range(0, n, batch_size):
@@ -324,8 +345,14 @@ def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
       images = ex['image'][s:s + batch_size].astype(np.float32) / 127.5 - 1.0
       m = len(tokens)
       pad = batch_size - m     # one compiled shape
-      yield s, m, dict(tokens=np.pad(tokens, ((0, pad), (0, 0))),
-                       image=np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))))
+      batch = dict(tokens=np.pad(tokens, ((0, pad), (0, 0))),
+                   image=np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))))
+      if swappable is not None:
+        batch['swap_image'] = np.array(batch['image'])
+        for i in np.flatnonzero(swappable[s:s + m]):
+          batch['swap_image'][i] = captioned_shapes.swap_colours(images[i],
+                                                                 ex['objects'][s + i])
+      yield s, m, batch
 
   # the split's mean (unit) image embedding, for the text-blind baseline
   enc = jax.jit(lambda b: clip_lib.l2_normalize(task.encode(frozen, b['tokens'], b['image'])[3]))
@@ -333,14 +360,24 @@ def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
   run = jax.jit(lambda p, b, r: task.evaluate(p, frozen, b, r, mean_image_embed=mean,
                                               **sample_kw))
   sums: dict[str, float] = {}
+  wins = {'colour_binding': 0, 'colour_binding_text': 0}
   for s, m, batch in batches():
-    out = run(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), s))
+    out = {k: np.asarray(v)[:m] for k, v in
+           run(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), s)).items()}
+    if swappable is not None:
+      pick = swappable[s:s + m]
+      for key, kind in (('colour_binding', 'pred'), ('colour_binding_text', 'text')):
+        win = out[f'cos_{kind}_image'] > out.pop(f'cos_{kind}_swap')
+        wins[key] += int(np.sum(win[pick]))
     for k, v in out.items():
-      sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v)[:m]))
+      sums[k] = sums.get(k, 0.0) + float(np.sum(v))
   result = {k: v / n for k, v in sums.items()}
   result['gain_over_text_baseline'] = result['cos_pred_image'] - result['cos_text_image']
   result['gain_over_mean_baseline'] = result['cos_pred_image'] - result['cos_mean_image']
   result['num_examples'] = n
+  if swappable is not None and swappable.any():
+    result.update({k: v / int(swappable.sum()) for k, v in wins.items()})
+    result['num_colour_binding'] = int(swappable.sum())
   return result
 
 
