@@ -159,10 +159,9 @@ class MirrorNegatives:
   def __call__(self, batch: dict) -> dict:
     if self.mode == 'none' and not self.colour_swap:
       return batch
-    mirror = mirror_axis(batch['objects'], batch['num_objects'], batch['names'],
-                         batch['relation'], up_down=self.mode == 'both')
-    if self.mode == 'none':
-      mirror[:] = NO_MIRROR
+    mirror = (np.full(len(batch['objects']), NO_MIRROR, np.int32) if self.mode == 'none' else
+              mirror_axis(batch['objects'], batch['num_objects'], batch['names'],
+                          batch['relation'], up_down=self.mode == 'both'))
     if not self.colour_swap:
       return dict(batch, mirror=mirror)
     tokens = np.ascontiguousarray(batch['tokens'])
