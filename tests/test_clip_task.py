@@ -391,6 +391,7 @@ def test_mirror_negatives_flag_exactly_the_captions_the_mirror_makes_false(mode)
   config = shapes.get_config()
   config.unlock()
   config.clip.mirror_negatives = mode
+  config.clip.colour_swap_negatives = False   # the mirror alone (colour swaps: test below)
   examples = [cs.make_example('train', i) for i in range(160)]
   batch = {k: np.stack([e[k] for e in examples]) for k in
            ('objects', 'num_objects', 'relation', 'names', 'image')}
