@@ -295,6 +295,16 @@ def swap_colours(image: np.ndarray, objects: np.ndarray) -> np.ndarray:
   return _repaint(image, objects, PALETTE[objects[::-1, COLOUR]].astype(np.float32))
 
 
+def swap_colours_where(images: np.ndarray, objects: np.ndarray, where: np.ndarray
+                       ) -> np.ndarray:
+  """A copy of the float images [B, H, W, 3] with `swap_colours` applied to the rows where
+  `where` (bool, at most B long; e.g. `colour_swap_applies`) is true."""
+  out = np.array(images)
+  for i in np.flatnonzero(where):
+    out[i] = swap_colours(out[i], objects[i])
+  return out
+
+
 OPPOSITE_RELATION = (1, 0, 3, 2)   # index into RELATIONS of each relation's converse
 NEGATIVE_KINDS = ('colour_swap', 'shape_swap', 'relation_flip', 'colour', 'shape', 'size',
                   'position')

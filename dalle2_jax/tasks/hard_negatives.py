@@ -169,12 +169,9 @@ class MirrorNegatives:
     swap = (captioned_shapes.colour_swap_applies(batch['objects'], batch['num_objects'],
                                                  batch['names'])
             & ((mirror == NO_MIRROR) | (rng.random(len(mirror)) < 0.5)))
-    images = np.asarray(batch['image'])
-    swap_image = np.array(images)
-    for i in np.flatnonzero(swap):
-      swap_image[i] = captioned_shapes.swap_colours(images[i], batch['objects'][i])
     return dict(batch, mirror=np.where(swap, COLOUR_SWAP, mirror).astype(np.int32),
-                swap_image=swap_image)
+                swap_image=captioned_shapes.swap_colours_where(batch['image'],
+                                                               batch['objects'], swap))
 
 
 def mirror_axis(objects, num_objects, names, relation, up_down: bool = False) -> np.ndarray:

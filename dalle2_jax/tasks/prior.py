@@ -348,10 +348,8 @@ def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
       batch = dict(tokens=np.pad(tokens, ((0, pad), (0, 0))),
                    image=np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))))
       if swappable is not None:
-        batch['swap_image'] = np.array(batch['image'])
-        for i in np.flatnonzero(swappable[s:s + m]):
-          batch['swap_image'][i] = captioned_shapes.swap_colours(images[i],
-                                                                 ex['objects'][s + i])
+        batch['swap_image'] = captioned_shapes.swap_colours_where(
+            batch['image'], ex['objects'][s:s + m], swappable[s:s + m])
       yield s, m, batch
 
   # the split's mean (unit) image embedding, for the text-blind baseline
