@@ -22,6 +22,12 @@ relation); draws one image per prompt with the whole chain; and reports, as JSON
                 split images in the run's CLIP image-embedding space
 
 Images are scored at their generated size (the scorer scales its pixel thresholds).
+
+  python -m dalle2_jax.evaluate --workdir runs/shapes --candidates 8 [--candidates_style two]
+
+reports instead where the decoder's best of N loses (`candidates`): for each prompt of one
+style, N decoder samples, each scored: how often one sample is right, how often any of the N
+is (a perfect reranker) and how often CLIP's pick is.
 """
 
 from __future__ import annotations
@@ -139,6 +145,69 @@ def evaluate(unclip, *, num_prompts: int = 64, seed: int = 0, prompt_seed: int =
   return report
 
 
+def candidates(unclip, *, num_candidates: int = 8, num_prompts: int = 64, seed: int = 0,
+               prompt_seed: int = 1234, style: str = 'two', settings=None,
+               batch_size: int | None = None, image_embeds: str = 'prior',
+               progress=None) -> dict[str, Any]:
+  """Where the decoder's best of N loses: N decoder samples for each prompt of `style`, each
+  scored. The prompts and the prior's noise are `evaluate`'s; the N samples have noise of
+  their own. Returns per kind: `per_candidate` (the accuracy of one sample), `any_right`
+  (how often at least one of the N is right: what a perfect reranker would score),
+  `clip_reranked` (the sample whose CLIP image embedding is closest to the prompt's text
+  embedding, as the sampler's best of N picks, here at the final image size) and, for
+  two-object prompts, `outcomes` of all samples and of CLIP's picks.
+  """
+  from dalle2_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
+  if num_candidates < 1 or num_prompts < 1:
+    raise ValueError(f'num_candidates and num_prompts must be >= 1, got {num_candidates} '
+                     f'and {num_prompts}.')
+  if style not in STYLES or image_embeds not in IMAGE_EMBEDS:
+    raise ValueError(f'style={style!r}, image_embeds={image_embeds!r}; choose from '
+                     f'{STYLES} and {IMAGE_EMBEDS}.')
+  settings = (settings or unclip.default_settings()).replace_stage('decoder',
+                                                                     num_candidates=1)
+  unclip.validate(settings)
+  t0 = time.time()
+  report: dict[str, Any] = {'num_candidates': num_candidates, 'num_prompts': num_prompts,
+                            'style': style, 'seed': seed, 'prompt_seed': prompt_seed,
+                            'settings': settings.to_dict(), 'image_embeds': image_embeds}
+  for kind in KINDS:
+    prompts = captioned_shapes.eval_prompts(kind, num_prompts, prompt_seed, styles=STYLES)
+    sel = np.nonzero(np.asarray(prompts['style']) == style)[0]
+    captions = [prompts['caption'][i] for i in sel]
+    if image_embeds == 'prior':
+      embeds = unclip.image_embeddings(captions, seed=seed, settings=settings,
+                                       batch_size=batch_size, indices=sel)
+    else:
+      embeds = unclip.encode_image(np.asarray(prompts['image'], np.uint8)[sel])
+    repeat = lambda a: np.repeat(np.asarray(a), num_candidates, axis=0)
+    images = np.asarray(unclip.decode(repeat(embeds), seed=seed, prompts=repeat(captions),
+                                      settings=settings, batch_size=batch_size,
+                                      progress=progress))
+    shown = {k: repeat(np.asarray(prompts[k])[sel])
+             for k in ('objects', 'num_objects', 'relation', 'names')}
+    right = np.array([r['overall'] for r in scoring.score_images(images, shown)],
+                     float).reshape(len(sel), num_candidates)
+    image_embed = unclip.encode_image(images)
+    image_embed /= np.linalg.norm(image_embed, axis=-1, keepdims=True)
+    text_embed = unclip.encode_text(captions)
+    text_embed /= np.linalg.norm(text_embed, axis=-1, keepdims=True)
+    sim = np.einsum('pnd,pd->pn', image_embed.reshape(len(sel), num_candidates, -1),
+                    text_embed)
+    picked = sim.argmax(1) + np.arange(len(sel)) * num_candidates
+    report[kind] = {'n': int(len(sel)), 'per_candidate': float(right.mean()),
+                    'any_right': float(right.max(1).mean()),
+                    'clip_reranked': float(right.reshape(-1)[picked].mean())}
+    if style == 'two':
+      report[kind]['outcomes'] = {
+          'all': scoring.two_object_outcomes(images, shown),
+          'clip_reranked': scoring.two_object_outcomes(
+              images[picked], {k: v[picked] for k, v in shown.items()})}
+  report['seconds'] = round(time.time() - t0, 1)
+  return report
+
+
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -183,9 +252,15 @@ def main(argv):
 
   import contextlib  # pylint: disable=g-import-not-at-top
   with contextlib.redirect_stdout(sys.stderr):   # stdout carries only the JSON report
-    report = evaluate(unclip, num_prompts=f.num_prompts, seed=f.seed, settings=settings,
-                      batch_size=f.batch_size or None, image_embeds=f.image_embeds,
-                      progress=progress)
+    if f.candidates:
+      report = candidates(unclip, num_candidates=f.candidates, num_prompts=f.num_prompts,
+                          seed=f.seed, style=f.candidates_style, settings=settings,
+                          batch_size=f.batch_size or None, image_embeds=f.image_embeds,
+                          progress=progress)
+    else:
+      report = evaluate(unclip, num_prompts=f.num_prompts, seed=f.seed, settings=settings,
+                        batch_size=f.batch_size or None, image_embeds=f.image_embeds,
+                        progress=progress)
   report['workdir'] = f.workdir
   text = json.dumps(report, indent=2)
   print(text)
@@ -223,6 +298,10 @@ def _define_flags():
   flags.DEFINE_enum('image_embeds', 'prior', list(IMAGE_EMBEDS), "What the decoder decodes: "
                     "'prior' (the whole chain) or 'ground_truth' (CLIP image embeddings of "
                     "the prompts' true renderings: the decoder's share of the errors).")
+  flags.DEFINE_integer('candidates', 0, 'Instead of the report: this many decoder samples '
+                       'per prompt of --candidates_style, each scored (`candidates`: how often '
+                       "one, any, and CLIP's pick is right).", lower_bound=0)
+  flags.DEFINE_enum('candidates_style', 'two', list(STYLES), 'Prompt style for --candidates.')
   flags.DEFINE_integer('batch_size', 64, 'Images per jitted call (0 = all of a kind at '
                        'once); results do not depend on it.', lower_bound=0)
   flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype override.')

@@ -97,3 +97,46 @@ def test_ground_truth_image_embeds_decode_the_true_renderings(unclip):
   assert report['summary']['seen_overall'] == report['summary']['heldout_overall'] == 1.0
   with pytest.raises(ValueError, match='image_embeds'):
     evaluate.evaluate(oracle, num_prompts=1, image_embeds='text')
+
+
+class Decodes(Oracle):
+  """Decodes the true rendering where keep(sample index) holds, a blank canvas elsewhere."""
+
+  def __init__(self, unclip, num_prompts, prompt_seed, keep):
+    super().__init__(unclip, num_prompts, prompt_seed)
+    self.keep = keep
+
+  def decode(self, image_embeds, prompts, **kw):
+    images = super().decode(image_embeds, prompts, **kw)
+    images[[not self.keep(i) for i in range(len(images))]] = 0
+    return images
+
+
+def test_candidates_scores_each_decoder_sample(unclip):
+  report = evaluate.candidates(Decodes(unclip, 3, 1234, lambda i: i % 2 == 0),
+                               num_candidates=4, num_prompts=3, image_embeds='ground_truth')
+  assert report['settings']['decoder']['num_candidates'] == 1
+  for kind in evaluate.KINDS:
+    r = report[kind]
+    assert r['n'] == 3
+    assert r['per_candidate'] == 0.5 and r['any_right'] == 1.0
+    assert r['outcomes']['all']['n'] == 12
+    assert r['outcomes']['all']['right'] == r['outcomes']['all']['missing'] == 0.5
+    assert r['outcomes']['clip_reranked']['n'] == 3
+  json.dumps(report)
+
+  # One right sample in four (the last of each prompt's): any_right sees it.
+  report = evaluate.candidates(Decodes(unclip, 3, 1234, lambda i: i % 4 == 3),
+                               num_candidates=4, num_prompts=3, style='full',
+                               image_embeds='ground_truth')
+  for kind in evaluate.KINDS:
+    assert report[kind]['per_candidate'] == 0.25 and report[kind]['any_right'] == 1.0
+    assert 'outcomes' not in report[kind]
+  for keep, expected in ((lambda i: True, 1.0), (lambda i: False, 0.0)):
+    report = evaluate.candidates(Decodes(unclip, 3, 1234, keep), num_candidates=2,
+                                 num_prompts=3, style='partial', image_embeds='ground_truth')
+    for kind in evaluate.KINDS:
+      assert report[kind]['per_candidate'] == report[kind]['any_right'] == expected
+      assert report[kind]['clip_reranked'] == expected
+  with pytest.raises(ValueError, match='style'):
+    evaluate.candidates(unclip, style='three')
