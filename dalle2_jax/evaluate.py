@@ -189,12 +189,9 @@ def candidates(unclip, *, num_candidates: int = 8, num_prompts: int = 64, seed: 
              for k in ('objects', 'num_objects', 'relation', 'names')}
     right = np.array([r['overall'] for r in scoring.score_images(images, shown)],
                      float).reshape(len(sel), num_candidates)
-    image_embed = unclip.encode_image(images)
-    image_embed /= np.linalg.norm(image_embed, axis=-1, keepdims=True)
-    text_embed = unclip.encode_text(captions)
-    text_embed /= np.linalg.norm(text_embed, axis=-1, keepdims=True)
-    sim = np.einsum('pnd,pd->pn', image_embed.reshape(len(sel), num_candidates, -1),
-                    text_embed)
+    sim = metrics.cosine(
+        unclip.encode_image(images).reshape(len(sel), num_candidates, -1),
+        unclip.encode_text(captions)[:, None])
     picked = sim.argmax(1) + np.arange(len(sel)) * num_candidates
     report[kind] = {'n': int(len(sel)), 'per_candidate': float(right.mean()),
                     'any_right': float(right.max(1).mean()),

@@ -56,7 +56,11 @@ def _normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Row-wise cosine similarity of two [..., D] arrays (broadcast)."""
+  return np.sum(_normalize(a) * _normalize(b), axis=-1)
+
+
 def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray) -> float:
   """Mean over pairs of 100 * max(cos(image_embed, text_embed), 0) (as torchmetrics)."""
-  cos = np.sum(_normalize(image_embeds) * _normalize(text_embeds), axis=-1)
-  return float(np.mean(100.0 * np.maximum(cos, 0.0)))
+  return float(np.mean(100.0 * np.maximum(cosine(image_embeds, text_embeds), 0.0)))
