@@ -63,8 +63,12 @@ def _kernel_grad(x, g, w_shape, strides, pads, split: int = 4):
 
   Each tap contracts the shifted, strided input [N*Ho*Wo, in] with the output gradient
   [N*Ho*Wo, out] over the long batch-and-space axis. That axis is split into `split`
-  chunks contracted together ('sok,ski->oi'), which XLA:CPU runs about 1.2-1.8x faster than
-  one long tall-and-skinny product (measured in bench/conv_grad.py).
+  chunks contracted together ('sko,ski->io'), which XLA:CPU runs about 1.2-1.8x faster than
+  one long tall-and-skinny product (measured in bench/conv_grad.py). The output gradient is
+  contracted as it is laid out: transposed to [out, rows] first, it cost the up blocks'
+  sub-pixel conv (models/conv.upsample_conv2d) a copy as slow as the products (16 ms of a
+  0.38 s decoder step of configs/shapes.py on 2 CPU devices, for its [8, 17, 17, 256] output
+  gradient), and the step ran 6% slower.
   """
   kh, kw = w_shape[:2]
   n, oh, ow, cout = g.shape
@@ -76,16 +80,16 @@ def _kernel_grad(x, g, w_shape, strides, pads, split: int = 4):
   xp = lax.pad(x, jnp.zeros((), x.dtype),
                ((0, 0, 0), (pads[0][0], pads[0][1], 0), (pads[1][0], pads[1][1], 0),
                 (0, 0, 0)))
-  g_t = g.reshape(split, rows // split, cout).transpose(0, 2, 1)
+  g = g.reshape(split, rows // split, cout)
   taps = []
   for a in range(kh):
     for b in range(kw):
       patch = lax.slice(xp, (0, a, b, 0),
                         (n, a + (oh - 1) * sh + 1, b + (ow - 1) * sw + 1, cin),
                         (1, sh, sw, 1))
-      taps.append(jnp.einsum('sok,ski->oi', g_t, patch.reshape(split, rows // split, cin),
+      taps.append(jnp.einsum('sko,ski->io', g, patch.reshape(split, rows // split, cin),
                              preferred_element_type=jnp.float32))
-  return jnp.stack(taps).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
+  return jnp.stack(taps).reshape(kh, kw, cin, cout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
