@@ -76,6 +76,10 @@ _DECODER_CANDIDATES = flags.DEFINE_integer('decoder_num_candidates', None, 'Deco
                                            'N (CLIP reranking): N images, the one whose CLIP '
                                            'image embedding is closest to the prompt is kept. '
                                            'Costs N decoder samples.', lower_bound=1)
+_DECODER_RERANK_MIRROR = flags.DEFINE_bool(
+    'decoder_rerank_mirror', None, "Decoder best of N also scores each image's mirror image "
+    "(flipped left to right) against the prompt with 'left' and 'right' exchanged "
+    '(default: config).')
 _UPSAMPLER_SAMPLER = flags.DEFINE_enum('upsampler_sampler', None, _SAMPLERS,
                                        'Upsampler sampler (all upsamplers).')
 _UPSAMPLER_STEPS = flags.DEFINE_list('upsampler_steps', None, 'Upsampler steps: one value, or '
@@ -160,6 +164,7 @@ def _settings(unclip):
         'decoder', sampler=_DECODER_SAMPLER.value, steps=_DECODER_STEPS.value,
         guidance_scale=_DECODER_GUIDANCE.value, eta=_DECODER_ETA.value,
         num_candidates=_DECODER_CANDIDATES.value,
+        rerank_mirror=_DECODER_RERANK_MIRROR.value,
         guidance_interval=sampling.parse_interval(_DECODER_INTERVAL.value,
                                                  'decoder_guidance_interval'))
     settings = settings.replace_stage('upsamplers', sampler=_UPSAMPLER_SAMPLER.value,

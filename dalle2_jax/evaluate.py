@@ -154,9 +154,11 @@ def candidates(unclip, *, num_candidates: int = 8, num_prompts: int = 64, seed: 
   their own. Returns per kind: `per_candidate` (the accuracy of one sample), `any_right`
   (how often at least one of the N is right: what a perfect reranker would score),
   `clip_reranked` (the sample whose CLIP image embedding is closest to the prompt's text
-  embedding, as the sampler's best of N picks, here at the final image size) and, for
+  embedding, as the sampler's best of N picks, here at the final image size; with the
+  decoder's rerank_mirror, plus the mirror image's cosine with the mirrored prompt) and, for
   two-object prompts, `outcomes` of all samples and of CLIP's picks.
   """
+  from dalle2_jax import sampling  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
   if num_candidates < 1 or num_prompts < 1:
@@ -189,9 +191,12 @@ def candidates(unclip, *, num_candidates: int = 8, num_prompts: int = 64, seed: 
              for k in ('objects', 'num_objects', 'relation', 'names')}
     right = np.array([r['overall'] for r in scoring.score_images(images, shown)],
                      float).reshape(len(sel), num_candidates)
-    sim = metrics.cosine(
-        unclip.encode_image(images).reshape(len(sel), num_candidates, -1),
-        unclip.encode_text(captions)[:, None])
+    def cosine(imgs, texts):
+      return metrics.cosine(unclip.encode_image(imgs).reshape(len(sel), num_candidates, -1),
+                            unclip.encode_text(texts)[:, None])
+    sim = cosine(images, captions)
+    if settings.decoder.rerank_mirror:
+      sim = sim + cosine(images[:, :, ::-1], [sampling.mirror_caption(c) for c in captions])
     picked = sim.argmax(1) + np.arange(len(sel)) * num_candidates
     report[kind] = {'n': int(len(sel)), 'per_candidate': float(right.mean()),
                     'any_right': float(right.max(1).mean()),
@@ -233,6 +238,7 @@ def main(argv):
                                           'prior_guidance_interval'))
     settings = settings.replace_stage('decoder', guidance_scale=f.decoder_guidance_scale,
                                       num_candidates=f.decoder_num_candidates,
+                                      rerank_mirror=f.decoder_rerank_mirror,
                                       sampler=f.decoder_sampler, eta=f.decoder_eta,
                                       guidance_interval=sampling.parse_interval(
                                           f.decoder_guidance_interval,
@@ -292,6 +298,8 @@ def _define_flags():
   flags.DEFINE_integer('prior_num_candidates', None, 'Prior best of N.', lower_bound=1)
   flags.DEFINE_integer('decoder_num_candidates', None, 'Decoder best of N (CLIP reranking '
                        'against the prompt).', lower_bound=1)
+  flags.DEFINE_bool('decoder_rerank_mirror', None, 'Decoder best of N also scores each '
+                    "image's mirror image against the mirrored prompt (default: config).")
   flags.DEFINE_enum('image_embeds', 'prior', list(IMAGE_EMBEDS), "What the decoder decodes: "
                     "'prior' (the whole chain) or 'ground_truth' (CLIP image embeddings of "
                     "the prompts' true renderings: the decoder's share of the errors).")

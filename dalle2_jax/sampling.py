@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Sequence
 import warnings  # pylint: disable=g-bad-import-order
@@ -55,6 +56,10 @@ class StageSampling:
   # images, the one whose CLIP image embedding is closest to the text embedding (CLIP
   # reranking, before the upsamplers); costs N decoder samples. Upsamplers: 1.
   num_candidates: int = 1
+  # Decoder best of N, scored also on each candidate's mirror image: the cosine of the image
+  # with the prompt plus that of the image flipped left to right with the prompt mirrored
+  # ('left' and 'right' exchanged: `mirror_caption`). Text-to-image only.
+  rerank_mirror: bool = False
   # Guidance only at timesteps lo <= t < hi of the training grid (Kynkäänniemi et al. 2024);
   # None = every step. Prior and decoder (the upsamplers are unguided).
   guidance_interval: tuple[int, int] | None = None
@@ -85,6 +90,9 @@ class StageSampling:
     if not isinstance(self.num_candidates, (int, np.integer)) or self.num_candidates < 1:
       raise ValueError(f'{stage}: num_candidates must be a positive integer, '
                        f'got {self.num_candidates!r}.')
+    if not isinstance(self.rerank_mirror, (bool, np.bool_)):
+      raise ValueError(f'{stage}: rerank_mirror must be True or False, '
+                       f'got {self.rerank_mirror!r}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +205,19 @@ def text_diff_embed(image_embed: jax.Array, text_embed_from: jax.Array,
 # --------------------------------------------------------------------------------------------
 # Images in and out
 # --------------------------------------------------------------------------------------------
+_MIRRORED_WORDS = {'left': 'right', 'right': 'left'}
+
+
+def mirror_caption(caption: str) -> str:
+  """The caption of the image flipped left to right: the words 'left' and 'right'
+  exchanged (whole words; a capital first letter kept), e.g. "a red circle to the left of a
+  blue square in the top right" -> "... to the right of ... in the top left"."""
+  def swap(m):
+    word = _MIRRORED_WORDS[m.group(0).lower()]
+    return word.capitalize() if m.group(0)[0].isupper() else word
+  return re.sub(r'\b(left|right)\b', swap, caption, flags=re.IGNORECASE)
+
+
 def to_uint8(images: jax.Array) -> jax.Array:
   """[-1, 1] floats -> uint8 [0, 255] (rounded, clipped)."""
   x = (jnp.asarray(images, jnp.float32) + 1.0) * 127.5
@@ -646,19 +667,22 @@ class UnCLIP:
         guidance_scale=s.guidance_scale, num_candidates=s.num_candidates, sampler=s.sampler,
         guidance_interval=s.guidance_interval or (0, self.prior.task.diffusion.timesteps))
 
-  def _decode_one(self, params, key, image_embed, tokens, settings: Settings, target=None):
+  def _decode_one(self, params, key, image_embed, tokens, settings: Settings, target=None,
+                  mirror_target=None):
     """image_embed [1, D], tokens [1, L] -> uint8 [H, W, 3] through decoder and upsamplers.
 
     With settings.decoder.num_candidates = N > 1 the decoder draws N images and keeps the one
     whose CLIP image embedding is closest to `target` [1, D] (default: image_embed, the
     embedding the decoder was asked to invert; text-to-image passes the prompt's text
-    embedding)."""
+    embedding), and whose mirror image is closest to `mirror_target` where given
+    (`_closest_to`)."""
     keys = jax.random.split(key, 1 + len(self.upsamplers))
     n = settings.decoder.num_candidates
     x = self._decoder_sample(params, keys[0], jnp.repeat(image_embed, n, axis=0),
                              jnp.repeat(tokens, n, axis=0), settings.decoder)
     if n > 1:
-      x = self._closest_to(params['clip'], x, image_embed if target is None else target)
+      x = self._closest_to(params['clip'], x, image_embed if target is None else target,
+                           mirror_target)
     for i, (up, s) in enumerate(zip(self.upsamplers, settings.upsamplers)):
       x = self._upsampler_sample(up, params['upsamplers'][i], keys[1 + i], x, s)
     return to_uint8(x)[0]
@@ -670,12 +694,18 @@ class UnCLIP:
         steps=s.steps, guidance_scale=s.guidance_scale, sampler=s.sampler, eta=s.eta,
         guidance_interval=s.guidance_interval or (0, self.decoder.task.diffusion.timesteps))
 
-  def _closest_to(self, clip_params, images, target):
+  def _closest_to(self, clip_params, images, target, mirror_target=None):
     """images [N, S, S, 3] in [-1, 1], target embedding [1, D] -> the image [1, S, S, 3]
-    whose CLIP image embedding has the highest cosine with target (CLIP reranking)."""
+    whose CLIP image embedding has the highest cosine with target (CLIP reranking); with
+    `mirror_target` [1, D] (the mirrored prompt's), the highest sum of that cosine and the
+    cosine of the image flipped left to right with mirror_target."""
     from dalle2_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-    score = (clip_lib.l2_normalize(self.clip.encode_image(images, clip_params))
-             @ clip_lib.l2_normalize(target)[0])
+    def cosine(x, t):
+      return (clip_lib.l2_normalize(self.clip.encode_image(x, clip_params))
+              @ clip_lib.l2_normalize(t)[0])
+    score = cosine(images, target)
+    if mirror_target is not None:
+      score = score + cosine(images[:, :, ::-1], mirror_target)
     return images[jnp.argmax(score)][None]
 
   def _upsampler_sample(self, stage: Stage, params, key, low_res, s: StageSampling):
@@ -684,14 +714,19 @@ class UnCLIP:
                                eta=s.eta)
 
   def _generate_fn(self, settings: Settings):
-    def one(params, key, tokens):
+    rerank = settings.decoder.num_candidates > 1
+    def one(params, key, tokens, mirror_tokens):
       k_prior, k_decode = jax.random.split(key)
       tokens = tokens[None]
       image_embed = self._prior_one(params, k_prior, tokens, settings.prior)
-      text_embed = (self.clip.encode_text(tokens, params['clip'])[0]
-                    if settings.decoder.num_candidates > 1 else None)
-      return self._decode_one(params, k_decode, image_embed, tokens, settings, text_embed)
-    return jax.vmap(one, in_axes=(None, 0, 0))
+      text_embed = mirror_embed = None
+      if rerank:
+        text_embed = self.clip.encode_text(tokens, params['clip'])[0]
+      if rerank and settings.decoder.rerank_mirror:
+        mirror_embed = self.clip.encode_text(mirror_tokens[None], params['clip'])[0]
+      return self._decode_one(params, k_decode, image_embed, tokens, settings, text_embed,
+                              mirror_embed)
+    return jax.vmap(one, in_axes=(None, 0, 0, 0))
 
   def _prior_fn(self, settings: Settings):
     def one(params, key, tokens):
@@ -720,6 +755,8 @@ class UnCLIP:
     settings = self._settings(settings)
     expanded = [p for p in prompts for _ in range(num_images_per_prompt)]
     tokens = self.tokenize(expanded)
+    mirror_tokens = (self.tokenize([mirror_caption(p) for p in expanded])
+                     if settings.decoder.rerank_mirror else tokens)
     keys = self._keys(seed, range(len(expanded)))
     uncond = np.array([not p.strip() for p in expanded])
     out = np.zeros((len(expanded), self.image_size, self.image_size, 3), np.uint8)
@@ -734,8 +771,8 @@ class UnCLIP:
     for sel, s in groups:
       if sel.any():
         fn = self._cached(('generate', s), lambda s=s: self._generate_fn(s))
-        out[sel] = self._run_batched(fn, [keys[sel], tokens[sel]], batch_size, self.params,
-                                     group_progress)
+        out[sel] = self._run_batched(fn, [keys[sel], tokens[sel], mirror_tokens[sel]],
+                                     batch_size, self.params, group_progress)
         done[0] += int(sel.sum())
     return out
 

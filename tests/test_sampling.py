@@ -176,6 +176,34 @@ def test_bad_settings_and_prompts(unclip, tmp_path):
     unclip.variations([str(bad)])
 
 
+def _cosine(x, t):
+  l2 = lambda v: np.asarray(v) / np.linalg.norm(np.asarray(v), axis=-1, keepdims=True)
+  return l2(x) @ l2(t)[0]
+
+
+def _check_chain_keeps_best(unclip, s, prompts, score_fn):
+  """Rebuilds the decoder candidates of image 0 from its key, scores them with score_fn
+  (candidates, tokens of prompt 0), upsamples the best: that must be the image returned."""
+  out = unclip(prompts, seed=5, settings=s)
+  assert out.shape == (len(prompts), 32, 32, 3)
+  n = s.decoder.num_candidates
+  tokens = unclip.tokenize(prompts[:1])
+  k_prior, k_decode = jax.random.split(jax.numpy.asarray(unclip._keys(5, [0])[0]))
+  p = unclip.params
+  embed = unclip._prior_one(p, k_prior, tokens, s.prior)
+  keys = jax.random.split(k_decode, 2)
+  cands = unclip._decoder_sample(p, keys[0], np.repeat(embed, n, 0), np.repeat(tokens, n, 0),
+                                 s.decoder)
+  score = score_fn(cands, tokens)
+  assert len(set(np.round(score, 5))) == n   # the choice is not a tie
+  best = cands[int(np.argmax(score))][None]
+  want = sampling.to_uint8(unclip._upsampler_sample(unclip.upsamplers[0], p['upsamplers'][0],
+                                                    keys[1], best, s.upsamplers[0]))[0]
+  diff = np.abs(np.asarray(want).astype(int) - out[0])
+  assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+  return out
+
+
 def test_decoder_best_of_n_keeps_the_candidate_closest_to_the_prompt(workdir, unclip):
   # The selection itself: the image whose CLIP embedding is the target wins.
   rng = np.random.default_rng(1)
@@ -185,31 +213,52 @@ def test_decoder_best_of_n_keeps_the_candidate_closest_to_the_prompt(workdir, un
     chosen = unclip._closest_to(unclip.params['clip'], sampling.from_uint8(images), z[k:k + 1])
     np.testing.assert_array_equal(np.asarray(chosen[0]), sampling.from_uint8(images)[k])
 
-  # In the chain: rebuild the 3 decoder candidates of image 0 from its key, score them
-  # against the prompt with CLIP, upsample the best: that is the image returned.
+  # In the chain: the candidate whose CLIP image embedding is closest to the prompt's.
   s = unclip.default_settings().replace_stage('decoder', num_candidates=3)
   prompts = ['a large red circle in the top left', 'a small blue square']
-  out = unclip(prompts, seed=5, settings=s)
-  assert out.shape == (2, 32, 32, 3)
-  tokens = unclip.tokenize(prompts[:1])
-  k_prior, k_decode = jax.random.split(jax.numpy.asarray(unclip._keys(5, [0])[0]))
-  p = unclip.params
-  embed = unclip._prior_one(p, k_prior, tokens, s.prior)
-  keys = jax.random.split(k_decode, 2)
-  cands = unclip._decoder_sample(p, keys[0], np.repeat(embed, 3, 0), np.repeat(tokens, 3, 0),
-                                 s.decoder)
-  l2 = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
-  score = l2(unclip.clip.encode_image(cands)) @ l2(unclip.clip.encode_text(tokens)[0])[0]
-  assert len(set(np.round(score, 5))) == 3   # the choice is not a tie
-  best = cands[int(np.argmax(score))][None]
-  want = sampling.to_uint8(unclip._upsampler_sample(unclip.upsamplers[0], p['upsamplers'][0],
-                                                    keys[1], best, s.upsamplers[0]))[0]
-  diff = np.abs(np.asarray(want).astype(int) - out[0])
-  assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+  clip, p = unclip.clip, unclip.params['clip']
+  out = _check_chain_keeps_best(
+      unclip, s, prompts,
+      lambda c, t: _cosine(clip.encode_image(c, p), clip.encode_text(t, p)[0]))
   # The same on one device.
   one = sampling.UnCLIP.from_workdir(workdir, devices=jax.devices()[:1])
   diff1 = np.abs(one(prompts, seed=5, settings=s).astype(int) - out)
   assert diff1.max() <= 1 and diff1.mean() < 0.01
+
+
+def test_mirror_caption():
+  assert (sampling.mirror_caption('a red circle to the left of a blue square in the top right')
+          == 'a red circle to the right of a blue square in the top left')
+  assert sampling.mirror_caption('Left of a RIGHT angle, leftover, bright') == (
+      'Right of a Left angle, leftover, bright')
+  assert sampling.mirror_caption('a small blue square') == 'a small blue square'
+
+
+def test_decoder_best_of_n_with_mirror_images(unclip):
+  # The selection: the highest sum of the image's cosine with the target and its mirror
+  # image's with the mirror target; over random targets the mirror term changes some picks.
+  rng = np.random.default_rng(2)
+  images = sampling.from_uint8(rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+  clip, p = unclip.clip, unclip.params['clip']
+  plain, mirrored = (np.asarray(clip.encode_image(x, p)) for x in (images, images[:, :, ::-1]))
+  changed = 0
+  for _ in range(8):
+    t, m = rng.normal(size=(2, 1, plain.shape[-1])).astype(np.float32)
+    chosen = unclip._closest_to(p, images, t, m)
+    k = int(np.argmax(_cosine(plain, t) + _cosine(mirrored, m)))
+    np.testing.assert_array_equal(np.asarray(chosen[0]), images[k])
+    changed += k != int(np.argmax(_cosine(plain, t)))
+  assert changed
+
+  # In the chain, the mirror target is the CLIP text embedding of the mirrored prompt.
+  s = unclip.default_settings().replace_stage('decoder', num_candidates=3, rerank_mirror=True)
+  prompts = ['a red circle to the left of a blue square', 'a small blue square on the right']
+  mirror = unclip.tokenize([sampling.mirror_caption(prompts[0])])
+  _check_chain_keeps_best(
+      unclip, s, prompts,
+      lambda c, t: (_cosine(clip.encode_image(c, p), clip.encode_text(t, p)[0])
+                    + _cosine(clip.encode_image(c[:, :, ::-1], p),
+                              clip.encode_text(mirror, p)[0])))
 
 
 def test_guidance_interval_reaches_prior_and_decoder(unclip):

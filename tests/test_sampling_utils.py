@@ -72,6 +72,8 @@ def test_settings_presets_and_validation():
     sampling.StageSampling(guidance_scale=-1.0).validate('decoder')
   with pytest.raises(ValueError, match='num_candidates'):
     sampling.StageSampling(num_candidates=0).validate('prior')
+  with pytest.raises(ValueError, match='decoder: rerank_mirror'):
+    sampling.StageSampling(rerank_mirror='yes').validate('decoder')
   sampling.StageSampling(guidance_interval=(0, 600)).validate('decoder', timesteps=1000)
   for bad in ((600, 0), (0,), (-1, 5), (0.0, 600)):
     with pytest.raises(ValueError, match='decoder: guidance_interval'):
