@@ -755,8 +755,11 @@ class UnCLIP:
     settings = self._settings(settings)
     expanded = [p for p in prompts for _ in range(num_images_per_prompt)]
     tokens = self.tokenize(expanded)
-    mirror_tokens = (self.tokenize([mirror_caption(p) for p in expanded])
-                     if settings.decoder.rerank_mirror else tokens)
+    mirror_tokens = tokens
+    if settings.decoder.rerank_mirror:
+      with warnings.catch_warnings():   # the prompts' own truncation was warned about above
+        warnings.simplefilter('ignore')
+        mirror_tokens = self.tokenize([mirror_caption(p) for p in expanded])
     keys = self._keys(seed, range(len(expanded)))
     uncond = np.array([not p.strip() for p in expanded])
     out = np.zeros((len(expanded), self.image_size, self.image_size, 3), np.uint8)
