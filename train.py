@@ -65,7 +65,10 @@ def main(argv):
     cache_dir = config.get('compilation_cache_dir', '')
   runtime.set_compilation_cache(cache_dir)
   try:
-    loop.run(config, _WORKDIR.value, stages=_STAGE.value)
+    summaries = loop.run(config, _WORKDIR.value, stages=_STAGE.value)
+    minutes = {stage: s['wall_time'] / 60 for stage, s in summaries.items()}
+    logging.info('Trained in %.1f min: %s.', sum(minutes.values()),
+                 ', '.join(f'{stage} {m:.1f} min' for stage, m in minutes.items()))
   except loop.Preempted as e:
     logging.warning('%s Restart the same command to resume.', e)
     sys.exit(0)

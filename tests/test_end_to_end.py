@@ -11,6 +11,7 @@ quality (the shapes default and its README numbers do).
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -49,8 +50,10 @@ def test_train_sample_evaluate(tmp_path):
   # A relative workdir, as the README writes it (orbax itself only takes absolute paths).
   workdir = os.path.relpath(tmp_path / 'run', REPO)
   data_dir = str(tmp_path / 'tfds')
-  _run(['train.py', '--config', 'configs/tiny.py', '--workdir', workdir,
-        f'--config.data.data_dir={data_dir}', *OVERRIDES])
+  proc = _run(['train.py', '--config', 'configs/tiny.py', '--workdir', workdir,
+               f'--config.data.data_dir={data_dir}', *OVERRIDES])
+  assert re.search(r'Trained in [\d.]+ min: clip [\d.]+ min, prior [\d.]+ min, '
+                   r'decoder [\d.]+ min, upsampler [\d.]+ min\.', proc.stderr), proc.stderr[-2000:]
   for stage in ('clip', 'prior', 'decoder', 'upsampler'):
     assert os.path.exists(os.path.join(REPO, workdir, stage, 'export', 'params.safetensors')), stage
 

@@ -132,6 +132,7 @@ def test_same_losses_on_1_and_8_devices_data_parallel_and_fsdp(tmp_path, referen
                              [m1[s]['grad_norm'] for s in m1], rtol=2e-5)
   assert l1[-1] < 0.6 * l1[0], l1   # it learns
   assert s8['compile_time'] > 0 and s8['step_time'] > 0
+  assert s8['wall_time'] > s8['compile_time'] + 6 * s8['step_time']
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):

@@ -163,6 +163,7 @@ def _to_host(x):
 def train_stage(config, workdir, stage: str, *, task_fn=None, input_fn=None, devices=None,
                 watch: _PreemptionWatch | None = None) -> dict:
   """Trains one stage into <workdir>/<stage>; see `run`."""
+  wall_start = time.perf_counter()
   workdir = absolute_workdir(workdir)
   check_stage_config(config, stage)
   sc = config[stage]
@@ -209,13 +210,16 @@ def train_stage(config, workdir, stage: str, *, task_fn=None, input_fn=None, dev
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     frozen = nn.unbox(frozen)
 
+  # wall_time: this call's seconds, from reading the config to the last checkpoint.
   summary = dict(stage=stage, start_step=start, final_step=start, compile_time=0.0,
-                 step_time=float('nan'), mesh=dict(mesh.shape), preempted=False)
+                 step_time=float('nan'), wall_time=0.0, mesh=dict(mesh.shape),
+                 preempted=False)
   if start >= total_steps:
     logging.info('Stage %s is already trained (%d/%d steps).', stage, start, total_steps)
     if not checkpoint_lib.export_dir(workdir, stage).exists():
       checkpoint_lib.write_export(workdir, stage, config, state.ema_params)
     ckpt.close()
+    summary['wall_time'] = time.perf_counter() - wall_start
     return summary
 
   # One train step, compiled ahead of time; the state is donated (updated in place).
@@ -317,11 +321,12 @@ def train_stage(config, workdir, stage: str, *, task_fn=None, input_fn=None, dev
   finally:
     writer.close()
     ckpt.close()
+    summary['wall_time'] = time.perf_counter() - wall_start
   summary['final_step'] = step
   if step_times:
     summary['step_time'] = statistics.median(step_times)
-  logging.info('Stage %s done: %d steps, compile %.2f s, %.4f s/step.', stage, step,
-               summary['compile_time'], summary['step_time'])
+  logging.info('Stage %s done: %d steps in %.1f min, compile %.2f s, %.4f s/step.', stage,
+               step, summary['wall_time'] / 60, summary['compile_time'], summary['step_time'])
   return summary
 
 
