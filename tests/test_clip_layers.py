@@ -224,12 +224,13 @@ def test_attention_impl_errors_name_the_field(monkeypatch):
 
 
 def test_patch_embedding_is_the_strided_convolution():
-  """CLIP's patch embedding (a matmul over flattened patches) computes OpenAI's strided
-  p x p convolution with the same [p, p, C, width] kernel, values and gradients."""
+  """CLIP's patch embedding (`patchify`, then a matmul over the flattened patches)
+  computes OpenAI's strided p x p convolution with the same [p, p, C, width] kernel, values
+  and gradients."""
   from dalle2_jax.models import clip  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 12, 5))
   module = clip.PatchEmbedding(patch_size=4, width=7)
-  params = module.init(jax.random.PRNGKey(0), x)
+  params = module.init(jax.random.PRNGKey(0), clip.patchify(x, 4))
   kernel = nn.unbox(params)['params']['kernel']
   assert kernel.shape == (4, 4, 5, 7)
 
@@ -237,7 +238,7 @@ def test_patch_embedding_is_the_strided_convolution():
     y = jax.lax.conv_general_dilated(x, kernel, (4, 4), 'VALID',
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return y.reshape(2, 9, 7)
-  ours = lambda x, kernel: module.apply({'params': {'kernel': kernel}}, x)
+  ours = lambda x, kernel: module.apply({'params': {'kernel': kernel}}, clip.patchify(x, 4))
   np.testing.assert_allclose(ours(x, kernel), conv(x, kernel), rtol=1e-5, atol=1e-5)
   w = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 7))
   grads = [jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * w), argnums=(0, 1))(x, kernel)

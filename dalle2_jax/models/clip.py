@@ -131,28 +131,37 @@ class TextTransformer(nn.Module):
     return text_embed, x, mask
 
 
+def patchify(x: Array, patch_size: int) -> Array:
+  """Images [B, S, S, C] -> patches [B, (S / p)^2, p * p, C], row-major over patches and
+  over the pixels of each."""
+  p = patch_size
+  b, s, _, c = x.shape
+  n = s // p
+  return x.reshape(b, n, p, n, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, n * n, p * p, c)
+
+
 class PatchEmbedding(nn.Module):
-  """[B, S, S, C] -> [B, (S / p)^2, width]: each p x p patch through one linear map, the
-  strided p x p convolution without bias of OpenAI's and Hugging Face's CLIP (same kernel
-  [p, p, C, width], same values), computed as a matmul over the flattened patches. On
-  XLA:CPU the convolution's forward and backward took twice as long (0.20 against 0.10 s for
-  the shapes config's 256 images a step)."""
+  """Patches [B, N, p * p, C] (`patchify`) -> [B, N, width]: each patch through one linear
+  map, the strided p x p convolution without bias of OpenAI's and Hugging Face's CLIP (same
+  kernel [p, p, C, width], same values), computed as a matmul over the flattened patches.
+  On XLA:CPU the convolution's forward and backward took twice as long (0.20 against 0.10 s
+  for the shapes config's 256 images a step)."""
   patch_size: int
   width: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, patches: Array) -> Array:
     p = self.patch_size
-    b, s, _, c = x.shape
-    n = s // p
+    b, n, pp, c = patches.shape
+    if pp != p * p:
+      raise ValueError(f'Expected patches [B, N, {p * p}, C] (patchify), got {patches.shape}.')
     kernel = self.param('kernel', _partitioned(nn.initializers.lecun_normal(),
                                                (None, None, 'conv_in', 'embed')),
                         (p, p, c, self.width), self.param_dtype)
-    patches = x.reshape(b, n, p, n, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return patches.reshape(b, n * n, p * p * c) @ kernel.astype(self.dtype).reshape(
-        p * p * c, self.width)
+    return patches.reshape(b, n, pp * c) @ kernel.astype(self.dtype).reshape(
+        pp * c, self.width)
 
 
 class VisionTransformer(nn.Module):
@@ -181,7 +190,9 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'image_size {self.image_size} is not a multiple of patch_size '
                        f'{self.patch_size} (clip.image_size / clip.model.vision.patch_size).')
     p = self.patch_size
-    x = pixels.astype(self.dtype)
+    # Patches first, then the per-pixel stem: the stem's wider output is then already in
+    # patch order (the rearrangement moves 3 channels a pixel, not stem_width).
+    x = patchify(pixels.astype(self.dtype), p)
     if self.stem_width:
       x = nn.Dense(self.stem_width, dtype=self.dtype, param_dtype=self.param_dtype,
                    name='pixel_stem',
