@@ -289,3 +289,67 @@ def test_trained_prior_beats_text_embedding_baseline(clip_workdir, tmp_path):
                                                   steps=16))(jax.random.PRNGKey(1))
   sims = np.asarray(clip_lib.l2_normalize(emb)) @ np.asarray(clip_lib.l2_normalize(ie)).T
   assert np.mean(np.argmax(sims, 1) == np.arange(NUM_PAIRS)) >= 0.75, sims
+
+
+def test_evaluate_split_shape_match_and_nearest_real(tmp_path, monkeypatch):
+  """evaluate_split on captioned_shapes: each one-object example whose caption names its
+  shape is also drawn with each shape; shape_match counts the samples nearest the drawing
+  with the true shape. A prior that always answers with the circle drawing's embedding
+  matches exactly the circles. cos_nearest_real leaves out the example's own image."""
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  clip = clip_task.ClipTask(c, 'clip', str(tmp_path))
+  batch = dict(image=np.zeros((2, 32, 32, 3), np.float32),
+               tokens=np.zeros((2, c.tokenizer.context_length), np.int32))
+  export.save_export(tmp_path / 'clip' / 'export', c, 'clip',
+                     nn.unbox(clip.init(jax.random.PRNGKey(0), batch)))
+  task = prior_task.PriorTask(c, 'prior', str(tmp_path))
+  params = nn.unbox(task.init(jax.random.PRNGKey(1), batch))
+  evaluate = task.evaluate
+
+  def circle_prior(params, frozen, batch, rng, **kw):
+    task.sample_image_embed = lambda *a, **k: clip_lib.encode_image(  # noqa: E731
+        task.clip.config, frozen, batch['shape0_image'])
+    return evaluate(params, frozen, batch, rng, **kw)
+
+  monkeypatch.setattr(task, 'evaluate', circle_prior)
+  num = 40
+  res = prior_task.evaluate_split(task, params, 'test', num, batch_size=16, steps=2)
+  ex = pipeline.load_examples(c, 'test', num, image_size=32)
+  named = cs.shape_change_applies(ex['num_objects'], ex['names'])
+  partial = named & ~ex['names'].all(-1)
+  circles = ex['objects'][:, 0, cs.SHAPE] == 0
+  assert res['num_shape_match'] == named.sum() > 0
+  assert res['num_shape_match_partial'] == partial.sum() > 0
+  assert res['shape_match'] == pytest.approx((named & circles).sum() / named.sum())
+  assert res['shape_match_partial'] == pytest.approx((partial & circles).sum() / partial.sum())
+  assert 0.0 <= res['shape_match_text'] <= 1.0
+  assert res['num_colour_binding'] > 0 and 'colour_binding_text' in res
+
+  # A prior that answers with each example's own image embedding: its nearest other real
+  # embedding is the true embedding's own nearest other one.
+  def oracle_prior(params, frozen, batch, rng, **kw):
+    task.sample_image_embed = lambda *a, **k: clip_lib.encode_image(  # noqa: E731
+        task.clip.config, frozen, batch['image'])
+    return evaluate(params, frozen, batch, rng, **kw)
+
+  monkeypatch.setattr(task, 'evaluate', oracle_prior)
+  res = prior_task.evaluate_split(task, params, 'test', num, batch_size=16, steps=2)
+  assert res['cos_pred_image'] == pytest.approx(1.0, abs=1e-5)
+  assert res['cos_nearest_real'] == pytest.approx(res['cos_nearest_real_true'], abs=1e-5)
+  assert res['cos_nearest_real_true'] < 1.0 - 1e-4   # its own image is not counted
+
+
+def test_render_each_shape():
+  """The scene drawn with each shape: the same colour, size and cell, by the scoring rule."""
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
+  obj = np.array([[cs.SHAPES.index('square'), cs.COLOUR_NAMES.index('cyan'), 0, 2, 1],
+                  [-1] * 5], np.int32)
+  drawn = cs.render_each_shape(obj)
+  assert drawn.shape == (3, 64, 64, 3)
+  for s, image in enumerate(drawn):
+    found = [(o['shape'], o['colour'], o['size'], o['row'], o['col'])
+             for o in scoring.detect(image)]
+    assert found == [(s, cs.COLOUR_NAMES.index('cyan'), 0, 2, 1)], found

@@ -308,6 +308,23 @@ def swap_colours_where(images: np.ndarray, objects: np.ndarray, where: np.ndarra
   return out
 
 
+def shape_change_applies(num_objects, names) -> np.ndarray:
+  """bool [B]: one object, and a caption that names its shape (so the scene drawn with
+  another shape is one the caption is false of)."""
+  return (np.asarray(num_objects) == 1) & np.asarray(names, bool)[:, NAME_FIELDS.index('shape')]
+
+
+def render_each_shape(objects: np.ndarray) -> np.ndarray:
+  """uint8 [len(SHAPES), 64, 64, 3]: a one-object scene drawn with each shape in turn (its
+  colour, size and cell; no jitter, so the drawings differ only in the shape)."""
+  obj = np.array(objects, np.int32)[:1]
+  out = []
+  for s in range(len(SHAPES)):
+    obj[0, SHAPE] = s
+    out.append(render(obj, np.zeros((1, 2), np.int32)))
+  return np.stack(out)
+
+
 OPPOSITE_RELATION = (1, 0, 3, 2)   # index into RELATIONS of each relation's converse
 NEGATIVE_KINDS = ('colour_swap', 'shape_swap', 'relation_flip', 'colour', 'shape', 'size',
                   'position')

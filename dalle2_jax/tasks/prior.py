@@ -281,7 +281,7 @@ class PriorTask(base.Task):
     chosen = jnp.take_along_axis(cands, best[:, None, None], axis=1)[:, 0]
     return (chosen, cands) if return_candidates else chosen
 
-  def evaluate(self, params, frozen, batch, rng, mean_image_embed=None,
+  def evaluate(self, params, frozen, batch, rng, mean_image_embed=None, real_embeds=None,
                **sample_kw) -> dict[str, jax.Array]:
     """Per-example cosines [B] of sampled prior embeddings with the true image embeddings.
 
@@ -290,9 +290,14 @@ class PriorTask(base.Task):
     text-blind baseline, the mean true image embedding (`mean_image_embed`, default the
     batch's) vs each z_i. CLIP embeddings share a large common direction (and image and
     text embeddings lie in different cones), so beating cos_text_image mostly shows the
-    prior lands in the image cone; beating cos_mean_image shows it uses the text. With
-    batch['swap_image'] (images the captions are false of) also cos_pred_swap and
-    cos_text_swap: the sample's and the text embedding's cosines with their embeddings.
+    prior lands in the image cone; beating cos_mean_image shows it uses the text. For each
+    other batch['<name>_image'] (e.g. swap_image: images the captions are false of) also
+    cos_pred_<name> and cos_text_<name>: the sample's and the text embedding's cosines with
+    their embeddings. With `real_embeds` (unit true embeddings [M, D] of real images) also
+    cos_nearest_real: the sample's cosine with the nearest of them other than its own image
+    (batch['index'] [B], its row; -1 for none), how near the sample lies to some real
+    image's embedding at all: a sample between real images (a blend of the embeddings the
+    caption allows) scores low though its mean cosine may be fine.
     """
     text_embed, _, _, image_embed = self.encode(frozen, batch['tokens'], batch['image'])
     pred = self.sample_image_embed(params, frozen, batch['tokens'], rng, **sample_kw)
@@ -303,11 +308,16 @@ class PriorTask(base.Task):
                cos_text_image=cosine(text_embed, image_embed),
                cos_pred_text=cosine(pred, text_embed),
                cos_mean_image=cosine(mean, image_embed))
-    if 'swap_image' in batch:   # a scene the caption is false of (evaluate_split)
-      swap_embed = jax.lax.stop_gradient(
-          clip_lib.encode_image(self.clip.config, frozen, batch['swap_image']))
-      out.update(cos_pred_swap=cosine(pred, swap_embed),
-                 cos_text_swap=cosine(text_embed, swap_embed))
+    if real_embeds is not None:
+      sims = clip_lib.l2_normalize(pred) @ jnp.asarray(real_embeds, jnp.float32).T   # [B, M]
+      own = batch['index'][:, None] == jnp.arange(sims.shape[1])[None]
+      out['cos_nearest_real'] = jnp.max(jnp.where(own, -1.0, sims), axis=-1)
+    for key in batch:   # other scenes to compare with (evaluate_split)
+      if key.endswith('_image') and key != 'image':
+        other = jax.lax.stop_gradient(clip_lib.encode_image(self.clip.config, frozen, batch[key]))
+        name = key[:-len('_image')]
+        out[f'cos_pred_{name}'] = cosine(pred, other)
+        out[f'cos_text_{name}'] = cosine(text_embed, other)
     return out
 
 
@@ -316,14 +326,20 @@ class PriorTask(base.Task):
 def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
                    batch_size: int = 128, **sample_kw) -> dict[str, float]:
   """Mean cosines over the first `num` examples of `split`: sampled prior embeddings vs the
-  true CLIP image embeddings, and the text-embedding baseline (see `PriorTask.evaluate`).
+  true CLIP image embeddings, and the text-embedding baseline (see `PriorTask.evaluate`);
+  cos_nearest_real against the split's other examples, and cos_nearest_real_true, the same
+  for the true embeddings (what a prior that draws real images' embeddings would score).
 
   On captioned_shapes also colour_binding: of the two-object examples whose caption the
   objects' colours swapped would make false (num_colour_binding of them), how often the
   sample is nearer (cosine) the true image's CLIP embedding than the swapped image's; and
   colour_binding_text, the same for the caption's text embedding. 50% is no binding: the
   two embeddings are close, so this tests the detail that decides which object gets which
-  colour."""
+  colour. And shape_match: of the one-object examples whose caption names the shape
+  (num_shape_match; shape_match_partial over those whose caption leaves out an attribute),
+  how often the sample is nearer the scene drawn with that shape than with each other
+  shape (all three drawn without jitter); shape_match_text for the text embedding. A third
+  is chance."""
   from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
@@ -338,6 +354,14 @@ def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
   swappable = (captioned_shapes.colour_swap_applies(ex['objects'], ex['num_objects'],
                                                     ex['names'], allow_held_out=True)
                if 'objects' in ex else None)
+  if swappable is not None:   # one named shape: the scene drawn with each shape
+    reshapeable = captioned_shapes.shape_change_applies(ex['num_objects'], ex['names'])
+    partial = ~np.asarray(ex['names'], bool).all(-1)
+    size = task.clip.image_size
+    drawn = np.zeros((n, len(captioned_shapes.SHAPES), size, size, 3), np.uint8)
+    for i in np.flatnonzero(reshapeable):
+      drawn[i] = [pipeline.decode_image(im, size) for im in
+                  captioned_shapes.render_each_shape(ex['objects'][i])]
 
   def batches():
     for s in range(0, n, batch_size):
@@ -346,36 +370,59 @@ def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
       m = len(tokens)
       pad = batch_size - m     # one compiled shape
       batch = dict(tokens=np.pad(tokens, ((0, pad), (0, 0))),
-                   image=np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))))
+                   image=np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
+                   index=np.pad(np.arange(s, s + m), (0, pad), constant_values=-1))
       if swappable is not None:
         batch['swap_image'] = captioned_shapes.swap_colours_where(
             batch['image'], ex['objects'][s:s + m], swappable[s:s + m])
+        for k in range(drawn.shape[1]):
+          batch[f'shape{k}_image'] = np.pad(drawn[s:s + m, k].astype(np.float32) / 127.5 - 1,
+                                            ((0, pad), (0, 0), (0, 0), (0, 0)))
       yield s, m, batch
 
-  # the split's mean (unit) image embedding, for the text-blind baseline
+  # the split's (unit) image embeddings: their mean for the text-blind baseline, each
+  # sample's nearest for cos_nearest_real (and each true embedding's nearest other one)
   enc = jax.jit(lambda b: clip_lib.l2_normalize(task.encode(frozen, b['tokens'], b['image'])[3]))
-  mean = sum(np.asarray(enc(b))[:m].sum(0) for _, m, b in batches()) / n
+  real = np.concatenate([np.asarray(enc(b))[:m] for _, m, b in batches()])
+  mean = real.mean(0)
   run = jax.jit(lambda p, b, r: task.evaluate(p, frozen, b, r, mean_image_embed=mean,
+                                              real_embeds=real if n > 1 else None,
                                               **sample_kw))
   sums: dict[str, float] = {}
-  wins = {'colour_binding': 0, 'colour_binding_text': 0}
+  wins = dict.fromkeys(('colour_binding', 'colour_binding_text', 'shape_match',
+                        'shape_match_text', 'shape_match_partial'), 0)
   for s, m, batch in batches():
     out = {k: np.asarray(v)[:m] for k, v in
            run(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), s)).items()}
     if swappable is not None:
       pick = swappable[s:s + m]
-      for key, kind in (('colour_binding', 'pred'), ('colour_binding_text', 'text')):
+      true_shape = ex['objects'][s:s + m, 0, captioned_shapes.SHAPE]
+      for kind in ('pred', 'text'):
+        suffix = '_text' if kind == 'text' else ''
         win = out[f'cos_{kind}_image'] > out.pop(f'cos_{kind}_swap')
-        wins[key] += int(np.sum(win[pick]))
+        wins['colour_binding' + suffix] += int(np.sum(win[pick]))
+        cos = np.stack([out.pop(f'cos_{kind}_shape{k}') for k in range(drawn.shape[1])], -1)
+        right = (np.argmax(cos, -1) == true_shape) & reshapeable[s:s + m]
+        wins['shape_match' + suffix] += int(np.sum(right))
+        if kind == 'pred':
+          wins['shape_match_partial'] += int(np.sum(right & partial[s:s + m]))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(np.sum(v))
   result = {k: v / n for k, v in sums.items()}
   result['gain_over_text_baseline'] = result['cos_pred_image'] - result['cos_text_image']
   result['gain_over_mean_baseline'] = result['cos_pred_image'] - result['cos_mean_image']
+  if n > 1:
+    sims = real @ real.T
+    np.fill_diagonal(sims, -1.0)
+    result['cos_nearest_real_true'] = float(sims.max(1).mean())
   result['num_examples'] = n
-  if swappable is not None and swappable.any():
-    result.update({k: v / int(swappable.sum()) for k, v in wins.items()})
-    result['num_colour_binding'] = int(swappable.sum())
+  if swappable is not None:
+    counts = dict(colour_binding=int(swappable.sum()), shape_match=int(reshapeable.sum()),
+                  shape_match_partial=int((reshapeable & partial).sum()))
+    for key, count in counts.items():
+      if count:
+        result.update({k: wins[k] / count for k in (key, key + '_text') if k in wins})
+        result[f'num_{key}'] = count
   return result
 
 
@@ -385,12 +432,20 @@ def main(argv):
   import json  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from dalle2_jax.training import export  # pylint: disable=g-import-not-at-top
+  from dalle2_jax import sampling  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  try:
+    interval = sampling.parse_interval(f.guidance_interval, 'guidance_interval')
+  except ValueError as e:
+    from absl import app  # pylint: disable=g-import-not-at-top
+    raise app.UsageError(str(e)) from e
   config, stage, params = export.load_export(os.path.join(f.workdir, f.stage, 'export'))
   params = jax.tree.map(jnp.asarray, params)
   task = PriorTask(config, stage, f.workdir, stats=params.get('embed_stats'))
   kw = {k: getattr(f, k) for k in ('steps', 'guidance_scale', 'num_candidates', 'sampler')
         if getattr(f, k) is not None}
+  if interval:
+    kw['guidance_interval'] = interval
   results = {split: evaluate_split(task, params, split, f.num, **kw)
              for split in f.splits.split(',')}
   print(json.dumps(results, indent=2))
@@ -408,4 +463,6 @@ if __name__ == '__main__':
   flags.DEFINE_float('guidance_scale', None, 'Guidance scale (default: config).')
   flags.DEFINE_integer('num_candidates', None, 'Candidates per prompt (default: config).')
   flags.DEFINE_string('sampler', None, 'ddim | ddpm | dpmpp_2m (default: config).')
+  flags.DEFINE_list('guidance_interval', None, 'lo,hi: guidance only at timesteps lo <= t < '
+                    'hi (default: config).')
   app.run(main)
