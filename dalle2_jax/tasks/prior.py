@@ -363,7 +363,7 @@ def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
       drawn[i] = [pipeline.decode_image(im, size) for im in
                   captioned_shapes.render_each_shape(ex['objects'][i])]
 
-  def batches():
+  def batches(compare: bool = True):   # compare: also the scenes the samples are scored against
     for s in range(0, n, batch_size):
       tokens = tok(ex['caption'][s:s + batch_size])
       images = ex['image'][s:s + batch_size].astype(np.float32) / 127.5 - 1.0
@@ -372,7 +372,7 @@ def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
       batch = dict(tokens=np.pad(tokens, ((0, pad), (0, 0))),
                    image=np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
                    index=np.pad(np.arange(s, s + m), (0, pad), constant_values=-1))
-      if swappable is not None:
+      if compare and swappable is not None:
         batch['swap_image'] = captioned_shapes.swap_colours_where(
             batch['image'], ex['objects'][s:s + m], swappable[s:s + m])
         for k in range(drawn.shape[1]):
@@ -383,7 +383,7 @@ def evaluate_split(task: PriorTask, params, split: str, num: int, seed: int = 0,
   # the split's (unit) image embeddings: their mean for the text-blind baseline, each
   # sample's nearest for cos_nearest_real (and each true embedding's nearest other one)
   enc = jax.jit(lambda b: clip_lib.l2_normalize(task.encode(frozen, b['tokens'], b['image'])[3]))
-  real = np.concatenate([np.asarray(enc(b))[:m] for _, m, b in batches()])
+  real = np.concatenate([np.asarray(enc(b))[:m] for _, m, b in batches(compare=False)])
   mean = real.mean(0)
   run = jax.jit(lambda p, b, r: task.evaluate(p, frozen, b, r, mean_image_embed=mean,
                                               real_embeds=real if n > 1 else None,
