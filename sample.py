@@ -68,6 +68,11 @@ _DECODER_SAMPLER = flags.DEFINE_enum('decoder_sampler', None, _SAMPLERS, 'Decode
 _DECODER_STEPS = flags.DEFINE_integer('decoder_steps', None, 'Decoder steps.', lower_bound=1)
 _DECODER_GUIDANCE = flags.DEFINE_float('decoder_guidance_scale', None, 'Decoder '
                                        'classifier-free guidance scale.', lower_bound=0.0)
+_DECODER_EMBED_GUIDANCE = flags.DEFINE_float(
+    'decoder_image_embed_guidance_scale', None, "Decoder: the CLIP image embedding's own "
+    "guidance scale, --decoder_guidance_scale then being the caption's given the embedding "
+    '(1 = the embedding unguided; default: config, else one scale for both).',
+    lower_bound=0.0)
 _DECODER_INTERVAL = flags.DEFINE_list('decoder_guidance_interval', None, 'lo,hi: decoder '
                                       'guidance only at timesteps lo <= t < hi of the T '
                                       'training timesteps (0,T = every step).')
@@ -163,6 +168,7 @@ def _settings(unclip):
     settings = settings.replace_stage(
         'decoder', sampler=_DECODER_SAMPLER.value, steps=_DECODER_STEPS.value,
         guidance_scale=_DECODER_GUIDANCE.value, eta=_DECODER_ETA.value,
+        image_embed_guidance_scale=_DECODER_EMBED_GUIDANCE.value,
         num_candidates=_DECODER_CANDIDATES.value,
         rerank_mirror=_DECODER_RERANK_MIRROR.value,
         guidance_interval=sampling.parse_interval(_DECODER_INTERVAL.value,

@@ -237,6 +237,8 @@ def main(argv):
                                           f.prior_guidance_interval,
                                           'prior_guidance_interval'))
     settings = settings.replace_stage('decoder', guidance_scale=f.decoder_guidance_scale,
+                                      image_embed_guidance_scale=(
+                                          f.decoder_image_embed_guidance_scale),
                                       num_candidates=f.decoder_num_candidates,
                                       rerank_mirror=f.decoder_rerank_mirror,
                                       sampler=f.decoder_sampler, eta=f.decoder_eta,
@@ -287,6 +289,10 @@ def _define_flags():
                      lower_bound=0.0)
   flags.DEFINE_float('decoder_guidance_scale', None, 'Decoder classifier-free guidance '
                      'scale.', lower_bound=0.0)
+  flags.DEFINE_float('decoder_image_embed_guidance_scale', None, "Decoder: the CLIP image "
+                     "embedding's own guidance scale, --decoder_guidance_scale then the "
+                     "caption's (1 = the caption guided given the embedding).",
+                     lower_bound=0.0)
   flags.DEFINE_list('prior_guidance_interval', None, 'lo,hi: prior guidance only at '
                     'timesteps lo <= t < hi (0,T = every step).')
   flags.DEFINE_list('decoder_guidance_interval', None, 'lo,hi: decoder guidance only at '

@@ -63,6 +63,11 @@ class StageSampling:
   # Guidance only at timesteps lo <= t < hi of the training grid (Kynkäänniemi et al. 2024);
   # None = every step. Prior and decoder (the upsamplers are unguided).
   guidance_interval: tuple[int, int] | None = None
+  # Decoder only: the CLIP image embedding's own guidance scale, guidance_scale then being the
+  # caption's given the embedding (InstructPix2Pix's two scales; `diffusion.
+  # classifier_free_guidance`). None = one scale for both (plain guidance). With 1 the
+  # embedding is not guided, and a sample without a caption (variations) is unguided.
+  image_embed_guidance_scale: float | None = None
 
   def validate(self, stage: str, timesteps: int | None = None):
     """Raises ValueError naming the stage and the offending setting."""
@@ -93,6 +98,11 @@ class StageSampling:
     if not isinstance(self.rerank_mirror, (bool, np.bool_)):
       raise ValueError(f'{stage}: rerank_mirror must be True or False, '
                        f'got {self.rerank_mirror!r}.')
+    s = self.image_embed_guidance_scale
+    if s is not None and (not isinstance(s, (int, float, np.number)) or not math.isfinite(s)
+                          or s < 0):
+      raise ValueError(f'{stage}: image_embed_guidance_scale must be finite and >= 0 '
+                       f'(1 = the embedding unguided), got {s!r}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -542,7 +552,9 @@ class UnCLIP:
     The decoder's num_candidates (CLIP reranking against the prompt) is a text-to-image
     setting: every other mode draws one decoder sample unless its settings ask for more
     (variations and decodes keep their variety, interpolation and text diffs their shared
-    noise, inpainting samples one image)."""
+    noise, inpainting samples one image). So is its image_embed_guidance_scale (the caption
+    guided given the embedding): the other modes guide with one scale for both, as
+    variations, interpolations and text diffs have no caption to guide."""
     def get(stage):
       return stage_sampling_from_config(stage.task.stage_config)
     prior = get(self.prior)
@@ -550,7 +562,7 @@ class UnCLIP:
         self.prior.task.stage_config.sample.get('num_candidates', 2)))
     decoder = get(self.decoder)
     if mode != 'generate':
-      decoder = dataclasses.replace(decoder, num_candidates=1)
+      decoder = dataclasses.replace(decoder, num_candidates=1, image_embed_guidance_scale=None)
     return Settings(prior=prior, decoder=decoder,
                     upsamplers=tuple(get(u) for u in self.upsamplers))
 
@@ -563,6 +575,10 @@ class UnCLIP:
     if settings.prior.eta != 0:
       raise ValueError(f'{self.prior.name}: the prior samples with eta=0 only.')
     settings.decoder.validate(self.decoder.name, self.decoder.task.diffusion.timesteps)
+    for u, s in [(self.prior, settings.prior), *zip(self.upsamplers, settings.upsamplers)]:
+      if s.image_embed_guidance_scale is not None:
+        raise ValueError(f'{u.name}: image_embed_guidance_scale is a decoder setting (only '
+                         'the decoder is conditioned on an image embedding); leave it None.')
     for u, s in zip(self.upsamplers, settings.upsamplers):
       s.validate(u.name, u.task.diffusion.timesteps)
       if s.num_candidates != 1:
@@ -692,7 +708,10 @@ class UnCLIP:
     return self.decoder.task.generate(
         params['decoder'], params['clip'], tokens, key, clip_image_embed=image_embed,
         steps=s.steps, guidance_scale=s.guidance_scale, sampler=s.sampler, eta=s.eta,
-        guidance_interval=s.guidance_interval or (0, self.decoder.task.diffusion.timesteps))
+        guidance_interval=s.guidance_interval or (0, self.decoder.task.diffusion.timesteps),
+        # None would mean the config's; plain guidance is the same scale for both
+        image_embed_guidance_scale=(s.guidance_scale if s.image_embed_guidance_scale is None
+                                    else s.image_embed_guidance_scale))
 
   def _closest_to(self, clip_params, images, target, mirror_target=None):
     """images [N, S, S, 3] in [-1, 1], target embedding [1, D] -> the image [1, S, S, 3]
@@ -899,6 +918,7 @@ class UnCLIP:
                          keys[0], steps=s.steps, sampler=s.sampler, eta=s.eta,
                          resample=resample, guidance_scale=s.guidance_scale,
                          guidance_interval=s.guidance_interval,
+                         image_embed_guidance_scale=s.image_embed_guidance_scale,
                          spacing=task.stage_config.sample.get('spacing', 'trailing'),
                          thresholding=thresholding)
       x = jnp.clip(x, -1.0, 1.0)
@@ -964,6 +984,7 @@ def repaint_sample(diffusion, model_fn: Callable, known: jax.Array, mask: jax.Ar
                    rng: jax.Array, *, steps: int, sampler: str = 'ddim', eta: float = 0.0,
                    resample: int = 1, spacing: str = 'trailing',
                    guidance_scale: float = 1.0, guidance_interval: Sequence[int] | None = None,
+                   image_embed_guidance_scale: float | None = None,
                    thresholding: str = 'none') -> jax.Array:
   """Samples x0 whose `mask`ed region is generated and whose rest is `known`.
 
@@ -980,6 +1001,7 @@ def repaint_sample(diffusion, model_fn: Callable, known: jax.Array, mask: jax.Ar
     mask: broadcastable to known; 1 (True) where to generate, 0 where to keep.
     rng: PRNG key.
     steps, sampler ('ddim' or 'ddpm'), eta, spacing, guidance_scale, guidance_interval,
+      image_embed_guidance_scale,
       thresholding: as for `GaussianDiffusion.sample`.
     resample: passes per step (1 = plain replacement-based inpainting).
   """
@@ -990,10 +1012,12 @@ def repaint_sample(diffusion, model_fn: Callable, known: jax.Array, mask: jax.Ar
     raise ValueError(f'resample must be >= 1, got {resample}.')
   known = jnp.asarray(known, jnp.float32)
   mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), known.shape)
-  if not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0):
+  if not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0
+          and image_embed_guidance_scale in (None, 1.0)):
     model_fn = samplers_lib.classifier_free_guidance(model_fn, guidance_scale,
                                                      diffusion.learned_variance,
-                                                     guidance_interval)
+                                                     guidance_interval,
+                                                     image_embed_guidance_scale)
   ts = diffusion.sampling_timesteps(steps, spacing)
   coefs = samplers_lib.sampler_coefficients(diffusion.alphas_cumprod, ts)
   xs = {k: jnp.asarray(v, jnp.int32 if k == 't' else bool if v.dtype == bool else jnp.float32)

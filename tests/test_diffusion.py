@@ -86,6 +86,56 @@ def test_classifier_free_guidance_doubled_batch():
                              rtol=1e-5, atol=1e-5)
 
 
+def test_image_embed_guidance_scale_two_conditions():
+  # Three exact models: both conditions, the embedding only (caption dropped), neither.
+  d = diffusion.GaussianDiffusion(objective='eps')
+  both, embed, null = (exact_model(d, mu, SIGMA, 'eps')
+                       for mu in (MU, [-0.4, 0.2], [0.3, -0.9]))
+  calls = []
+
+  def model_fn(x, t, drop_cond=None, drop_text=None):
+    calls.append(x.shape[0])
+    if drop_cond is None:
+      return both(x, t)
+    text = drop_text if drop_text is not None else drop_cond
+    return jnp.where(drop_cond[:, None], null(x, t),
+                     jnp.where(text[:, None], embed(x, t), both(x, t)))
+
+  x, t = jnp.ones((4, 2)) * 0.3, jnp.array([100, 500, 700, 999])
+  b, e, u = both(x, t), embed(x, t), null(x, t)
+  for s_embed, rows in ((2.0, 12), (1.0, 8), (3.0, 8), (None, 8)):
+    calls.clear()
+    out = diffusion.classifier_free_guidance(model_fn, 3.0,
+                                             image_embed_guidance_scale=s_embed)(x, t)
+    want = u + (3.0 if s_embed is None else s_embed) * (e - u) + 3.0 * (b - e)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    assert calls == [rows], (s_embed, calls)   # equal scales: plain guidance, two rows
+  # With 1 the embedding is unguided: the caption guided given the embedding.
+  np.testing.assert_allclose(
+      diffusion.classifier_free_guidance(model_fn, 3.0, image_embed_guidance_scale=1.0)(x, t),
+      e + 3.0 * (b - e), rtol=1e-5, atol=1e-5)
+  # The interval switches both scales off (the conditional output) outside it.
+  out = diffusion.classifier_free_guidance(model_fn, 3.0, interval=(0, 600),
+                                           image_embed_guidance_scale=2.0)(x, t)
+  np.testing.assert_allclose(out[2:], b[2:], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[:2], (u + 2.0 * (e - u) + 3.0 * (b - e))[:2], rtol=1e-5,
+                             atol=1e-5)
+  # Sampling: guidance_scale 1 with an embedding scale still guides; both 1 do not.
+  calls.clear()
+  d.sample(model_fn, (N, 2), jax.random.PRNGKey(4), steps=4, guidance_scale=1.0,
+           image_embed_guidance_scale=2.0)
+  assert set(calls) == {3 * N}
+  calls.clear()
+  d.sample(model_fn, (N, 2), jax.random.PRNGKey(4), steps=4, guidance_scale=1.0,
+           image_embed_guidance_scale=1.0)
+  assert set(calls) == {N}
+  # Guided samples with scale 1 for the embedding and s for the caption follow the score
+  # e + s (b - e): for these Gaussians (equal variances) the mean e + s (b - e).
+  x = d.sample(model_fn, (N, 2), jax.random.PRNGKey(2), sampler='dpmpp_2m', steps=20,
+               guidance_scale=1.0, image_embed_guidance_scale=0.0)
+  _check_moments(x, np.array(MU) - np.array([-0.4, 0.2]) + np.array([0.3, -0.9]), SIGMA)
+
+
 @pytest.mark.parametrize('sampler', ['ddpm', 'dpmpp_2m'])
 def test_guidance_interval(sampler):
   d = diffusion.GaussianDiffusion(objective='eps')

@@ -64,6 +64,7 @@ def test_writes_images_grid_and_jsonl_in_prompt_order(workdir, tmp_path):
     (['--upsampler_steps', '3,x'], 'upsampler_steps'),
     (['--num_images_per_prompt', '0'], 'num_images_per_prompt'),
     (['--decoder_guidance_interval', '600'], 'decoder_guidance_interval'),
+    (['--decoder_image_embed_guidance_scale', '-1'], 'decoder_image_embed_guidance_scale'),
     (['--attention_impl', 'flash'], 'attention_impl'),
     (['--attention_impl', 'cudnn'], "--attention_impl='cudnn' runs on NVIDIA GPUs only"),
 ])

@@ -289,16 +289,47 @@ def test_guidance_interval_reaches_prior_and_decoder(unclip):
   assert np.abs(embed(sp) - embed(s)).max() > 1e-4
 
 
+def test_image_embed_guidance_scale_reaches_the_decoder(unclip):
+  s = unclip.default_settings()
+  g = s.decoder.guidance_scale
+  assert g != 1.0 and s.decoder.image_embed_guidance_scale is None
+  prompts = ['a large red circle in the top left', 'a small blue square']
+  plain = unclip(prompts, seed=6, settings=s)
+  run = lambda p, **kw: unclip(p, seed=6, settings=s.replace_stage('decoder', **kw))
+  # The embedding's scale equal to the caption's is plain guidance.
+  np.testing.assert_array_equal(run(prompts, image_embed_guidance_scale=g), plain)
+  # 1: only the caption is guided (given the embedding); 0.5: three model rows.
+  caption_only = run(prompts, image_embed_guidance_scale=1.0)
+  assert np.abs(caption_only.astype(int) - plain).mean() > 1
+  assert np.abs(run(prompts, image_embed_guidance_scale=0.5).astype(int)
+                - caption_only).mean() > 1
+  # Without a caption there is nothing to guide given the embedding: unguided.
+  unguided = run([''], guidance_scale=1.0)
+  assert np.abs(run([''], image_embed_guidance_scale=1.0).astype(int) - unguided).max() <= 1
+  assert np.abs(run([''], image_embed_guidance_scale=g).astype(int) - unguided).mean() > 1
+  with pytest.raises(ValueError, match='image_embed_guidance_scale is a decoder setting'):
+    unclip.validate(s.replace_stage('prior', image_embed_guidance_scale=1.0))
+  with pytest.raises(ValueError, match='image_embed_guidance_scale must be finite'):
+    unclip.validate(s.replace_stage('decoder', image_embed_guidance_scale=float('nan')))
+
+
 def test_decoder_reranking_is_a_text_to_image_default(workdir):
+  image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  plain = sampling.UnCLIP.from_workdir(workdir)
+  embeds = plain.encode_image(np.stack([image, image[::-1]]))
   u = sampling.UnCLIP.from_workdir(workdir)
   with u.decoder.task.stage_config.unlocked():
     u.decoder.task.stage_config.sample.num_candidates = 3
+    u.decoder.task.stage_config.sample.image_embed_guidance_scale = 1.0
   assert u.default_settings().decoder.num_candidates == 3
+  assert u.default_settings().decoder.image_embed_guidance_scale == 1.0
   for mode in ('decode', 'variations', 'interpolate', 'text_diff', 'inpaint'):
     assert u.default_settings(mode).decoder.num_candidates == 1, mode
+    assert u.default_settings(mode).decoder.image_embed_guidance_scale is None, mode
+  # Decodes (variations, interpolations, text diffs) guide as a config without the setting.
+  np.testing.assert_array_equal(u.decode(embeds, seed=2), plain.decode(embeds, seed=2))
   # The manipulations run on these defaults: inpainting (one sample per image) does not
   # refuse, and interpolation's end frames are still the direct decodes.
-  image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
   assert u.inpaint(image, np.ones((16, 16), bool), seed=1).shape == (1, 32, 32, 3)
   frames = u.interpolate(image, image[::-1], frames=3, seed=2)
   np.testing.assert_array_equal(frames[[0, -1]], u.decode(u.encode_image(

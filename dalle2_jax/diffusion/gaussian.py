@@ -218,7 +218,8 @@ class GaussianDiffusion:
              sampler: str = 'ddim', steps: int | None = None,
              spacing: str | Sequence[int] = 'trailing', eta: float = 0.0,
              guidance_scale: float | jax.Array | None = 1.0,
-             guidance_interval: tuple[int, int] | None = None, thresholding: str = 'none',
+             guidance_interval: tuple[int, int] | None = None,
+             image_embed_guidance_scale: float | None = None, thresholding: str = 'none',
              dynamic_threshold_percentile: float = 0.995,
              dynamic_threshold_max: float = float('inf'),
              x_T: jax.Array | None = None, dtype=None) -> jax.Array:
@@ -240,6 +241,9 @@ class GaussianDiffusion:
         values) runs the guided doubled batch.
       guidance_interval: (lo, hi) = guide only the steps with lo <= t < hi (training grid);
         the other steps make one conditional model call. None = every step.
+      image_embed_guidance_scale: a separate scale for the decoder's CLIP image embedding,
+        guidance_scale then being the caption's (`classifier_free_guidance`); None = one
+        scale for both.
       thresholding: 'none' | 'static' | 'dynamic' on the predicted x0 at every step.
       x_T: the starting noise (default: drawn from rng).
       dtype: float32 (default) or float64 for the sampler state.
@@ -258,11 +262,12 @@ class GaussianDiffusion:
       x_T = jax.random.normal(rng_init, shape, dtype)
     x_T = jnp.asarray(x_T, dtype)
     ts = self.sampling_timesteps(steps, spacing)
-    guided = guidance_scale is not None and not (isinstance(guidance_scale, (int, float))
-                                                 and guidance_scale == 1.0)
-    guided_fn = (samplers.classifier_free_guidance(model_fn, guidance_scale,
-                                                   self.learned_variance, guidance_interval)
-                 if guided else model_fn)
+    guided = guidance_scale is not None and not (
+        isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0
+        and image_embed_guidance_scale in (None, 1.0))
+    guided_fn = (samplers.classifier_free_guidance(
+        model_fn, guidance_scale, self.learned_variance, guidance_interval,
+        image_embed_guidance_scale) if guided else model_fn)
     is_guided = samplers.guided_steps(np.asarray(ts), guidance_interval) & guided
     coefs = samplers.sampler_coefficients(self.alphas_cumprod, ts)
     xs = {k: jnp.asarray(v, jnp.int32 if k == 't' else bool if k == 'last' else dtype)

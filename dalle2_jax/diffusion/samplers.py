@@ -192,7 +192,8 @@ def guided_steps(ts, interval):
 
 
 def classifier_free_guidance(model_fn: Callable, guidance_scale, learned_variance: bool = False,
-                             interval: tuple[int, int] | None = None) -> Callable:
+                             interval: tuple[int, int] | None = None,
+                             image_embed_guidance_scale: float | None = None) -> Callable:
   """Wraps a conditional model into a guided model_fn(x_t, t) (Ho & Salimans 2022).
 
   `model_fn(x, t, drop_cond=...)` is called once per step on a doubled batch: rows [:B] with
@@ -204,19 +205,54 @@ def classifier_free_guidance(model_fn: Callable, guidance_scale, learned_varianc
   interval = (lo, hi): guidance only at timesteps lo <= t < hi, elsewhere scale 1 (the
   conditional output); Kynkäänniemi et al. 2024 find guidance at high noise mostly costs
   diversity. `GaussianDiffusion.sample` skips the doubled batch outside the interval.
+
+  image_embed_guidance_scale (the decoder, whose conditioning is a CLIP image embedding and a
+  caption): the two conditions get separate scales, as InstructPix2Pix (Brooks et al. 2023)
+  guides its image and text conditions:
+    uncond + image_embed_guidance_scale * (embed - uncond) + guidance_scale * (cond - embed)
+  where `embed` is the output with the caption dropped and the embedding kept: model_fn is
+  also given drop_text=bool[rows]. None or equal to guidance_scale: plain guidance (the
+  formula with equal scales). 1: the caption guided given the embedding, two rows an example
+  as plain guidance; otherwise three.
   """
+  s_embed = image_embed_guidance_scale
+  if s_embed is not None and not isinstance(s_embed, (int, float)):
+    raise TypeError('image_embed_guidance_scale must be a Python number or None (it decides '
+                    f'the rows the model is called on), got {type(s_embed).__name__}.')
+  if isinstance(guidance_scale, (int, float)) and s_embed == guidance_scale:
+    s_embed = None   # one scale for both: plain guidance, two rows
+  # Rows of the model call, as (drop_cond, drop_text) per block of B rows.
+  if s_embed is None:
+    blocks = {'cond': (False, False), 'uncond': (True, True)}
+  elif s_embed == 1:
+    blocks = {'cond': (False, False), 'embed': (False, True)}
+  else:
+    blocks = {'cond': (False, False), 'uncond': (True, True), 'embed': (False, True)}
+
   def guided(x, t):
     b = x.shape[0]
-    drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
-    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), drop_cond=drop)
-    cond, uncond = out[:b], out[b:]
-    cond_mean, cond_v = split_output(cond, learned_variance)
-    uncond_mean, _ = split_output(uncond, learned_variance)
+    n = len(blocks)
+    drop = jnp.repeat(jnp.array([d for d, _ in blocks.values()]), b)
+    kw = {}
+    if s_embed is not None:
+      kw['drop_text'] = jnp.repeat(jnp.array([d for _, d in blocks.values()]), b)
+    out = model_fn(jnp.concatenate([x] * n), jnp.concatenate([t] * n), drop_cond=drop, **kw)
+    parts = {k: split_output(out[i * b:(i + 1) * b], learned_variance)
+             for i, k in enumerate(blocks)}
+    cond_mean, cond_v = parts['cond']
     s = jnp.asarray(guidance_scale, cond_mean.dtype)
+    se = jnp.asarray(s if s_embed is None else s_embed, cond_mean.dtype)
     if interval is not None:
-      s = jnp.where(guided_steps(t, interval), s, jnp.ones_like(s))
-      s = s.reshape((b,) + (1,) * (cond_mean.ndim - 1))
-    mean = uncond_mean + s * (cond_mean - uncond_mean)
+      on = guided_steps(t, interval).reshape((b,) + (1,) * (cond_mean.ndim - 1))
+      s, se = (jnp.where(on, v, jnp.ones_like(v)) for v in (s, se))
+    if s_embed is None:
+      uncond_mean = parts['uncond'][0]
+      mean = uncond_mean + s * (cond_mean - uncond_mean)
+    else:
+      embed_mean = parts['embed'][0]
+      mean = embed_mean + s * (cond_mean - embed_mean)
+      if 'uncond' in parts:
+        mean = mean + (se - 1) * (embed_mean - parts['uncond'][0])
     return mean if cond_v is None else jnp.concatenate([mean, cond_v], axis=-1)
   return guided
 

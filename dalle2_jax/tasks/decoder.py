@@ -14,7 +14,9 @@ its own on the tokens (GLIDE; `model.text` sets its width/depth/heads). The UNet
 Classifier-free guidance: per example, the CLIP embedding is replaced by a learned null
 embedding with probability `model.image_embed_drop_prob` (paper 10%) and the caption is
 masked out with probability `model.text_drop_prob` (paper 50%), independently. Sampling
-with guidance drops both for the unconditional half.
+with guidance drops both for the unconditional half; with `sample.image_embed_guidance_scale`
+the embedding and the caption are guided with separate scales (`diffusion.
+classifier_free_guidance`), which also takes the output with only the caption dropped.
 
 Loss: `config.decoder.diffusion` (paper: cosine schedule, 1000 steps, eps objective with a
 learned variance, hybrid loss L_simple + 0.001 L_vlb); plain eps / x0 / v objectives with
@@ -227,13 +229,16 @@ class DecoderTask(base.Task):
     return cond
 
   def _model_fn(self, params, cond, image_keep, text_keep, train=False, dropout_rng=None):
-    """model_fn(x, t[, drop_cond]) of the diffusion API (doubled batch under guidance)."""
-    def model_fn(x, t, drop_cond=None):
+    """model_fn(x, t[, drop_cond, drop_text]) of the diffusion API (doubled batch under
+    guidance; drop_text: rows that drop only the caption)."""
+    def model_fn(x, t, drop_cond=None, drop_text=None):
       c = diffusion_lib.repeat_batch(cond, x.shape[0])
       ik, tk = image_keep, text_keep
       if drop_cond is not None:   # guidance: the null rows drop both, as in training
         ik = ~drop_cond
         tk = ~drop_cond & diffusion_lib.repeat_batch(text_keep, x.shape[0])
+        if drop_text is not None:
+          tk = tk & ~drop_text
       rngs = {'dropout': dropout_rng} if dropout_rng is not None else {}
       return self._model.apply({'params': params}, x, t, image_embed_keep=ik, text_keep=tk,
                                train=train, rngs=rngs, **c)
@@ -299,11 +304,12 @@ class DecoderTask(base.Task):
                steps: int | None = None, guidance_scale: float | None = None,
                sampler: str | None = None, spacing: str | None = None,
                eta: float | None = None, guidance_interval: Sequence[int] | None = None,
-               x_T=None) -> jax.Array:
+               image_embed_guidance_scale: float | None = None, x_T=None) -> jax.Array:
     """Images [B, S, S, 3] in [-1, 1] for tokens [B, L] and CLIP image embeddings (CLIP
     space, e.g. from the prior; or `images` to embed). None = `config.decoder.sample`.
     guidance_interval (lo, hi): guidance only at timesteps lo <= t < hi (config default:
-    every step).
+    every step). image_embed_guidance_scale: the embedding's own scale, guidance_scale then
+    the caption's (config default: none, one scale for both).
 
     An empty caption (tokens holding only start and end of text) takes the decoder's learned
     null caption, as the captions dropped in training did, not the CLIP encoding of ''.
@@ -321,6 +327,9 @@ class DecoderTask(base.Task):
                              else guidance_scale),
         guidance_interval=(sc.get('guidance_interval') if guidance_interval is None
                            else guidance_interval),
+        image_embed_guidance_scale=(sc.get('image_embed_guidance_scale')
+                                    if image_embed_guidance_scale is None
+                                    else image_embed_guidance_scale),
         thresholding=sc.get('thresholding', 'static'), x_T=x_T)
     return jnp.clip(x, -1.0, 1.0)
 
