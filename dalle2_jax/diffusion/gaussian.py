@@ -237,8 +237,8 @@ class GaussianDiffusion:
         (see `schedules.spaced_timesteps`).
       eta: DDIM stochasticity (0 = deterministic).
       guidance_scale: classifier-free guidance scale; 1.0 or None = one unguided model call per
-        step. A Python number 1.0 skips the doubled batch; anything else (including traced
-        values) runs the guided doubled batch.
+        step. A Python number 1.0 skips the doubled batch (unless image_embed_guidance_scale
+        guides); anything else (including traced values) runs the guided doubled batch.
       guidance_interval: (lo, hi) = guide only the steps with lo <= t < hi (training grid);
         the other steps make one conditional model call. None = every step.
       image_embed_guidance_scale: a separate scale for the decoder's CLIP image embedding,
