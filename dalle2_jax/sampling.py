@@ -1012,8 +1012,7 @@ def repaint_sample(diffusion, model_fn: Callable, known: jax.Array, mask: jax.Ar
     raise ValueError(f'resample must be >= 1, got {resample}.')
   known = jnp.asarray(known, jnp.float32)
   mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), known.shape)
-  if not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0
-          and image_embed_guidance_scale in (None, 1.0)):
+  if samplers_lib.needs_guidance(guidance_scale, image_embed_guidance_scale):
     model_fn = samplers_lib.classifier_free_guidance(model_fn, guidance_scale,
                                                      diffusion.learned_variance,
                                                      guidance_interval,

@@ -262,9 +262,7 @@ class GaussianDiffusion:
       x_T = jax.random.normal(rng_init, shape, dtype)
     x_T = jnp.asarray(x_T, dtype)
     ts = self.sampling_timesteps(steps, spacing)
-    guided = guidance_scale is not None and not (
-        isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0
-        and image_embed_guidance_scale in (None, 1.0))
+    guided = samplers.needs_guidance(guidance_scale, image_embed_guidance_scale)
     guided_fn = (samplers.classifier_free_guidance(
         model_fn, guidance_scale, self.learned_variance, guidance_interval,
         image_embed_guidance_scale) if guided else model_fn)

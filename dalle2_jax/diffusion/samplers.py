@@ -191,6 +191,16 @@ def guided_steps(ts, interval):
   return (ts >= interval[0]) & (ts < interval[1])
 
 
+def needs_guidance(guidance_scale, image_embed_guidance_scale=None) -> bool:
+  """Whether sampling runs `classifier_free_guidance` at all: not for a guidance_scale of
+  None or the Python number 1.0 unless image_embed_guidance_scale guides (is not None or 1);
+  a traced scale always does."""
+  if guidance_scale is None:
+    return False
+  return not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0
+              and image_embed_guidance_scale in (None, 1.0))
+
+
 def classifier_free_guidance(model_fn: Callable, guidance_scale, learned_variance: bool = False,
                              interval: tuple[int, int] | None = None,
                              image_embed_guidance_scale: float | None = None) -> Callable:
