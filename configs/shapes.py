@@ -138,7 +138,9 @@ def get_config(arg=None):
   # Measured with this config's CLIP (2 candidates, 64 DDIM steps, unguided): test 0.921 vs
   # 0.793, heldout 0.898 vs 0.773 (mean-image baseline 0.48 / 0.56); runs/s16 0.913 / 0.884
   # unguided and 0.898 / 0.879 at the guidance below (baseline 0.780 / 0.765): guidance
-  # lowers the cosine a little while it makes held-out colours right (below).
+  # lowers the cosine a little while it makes held-out colours right (below). 500 steps, or
+  # x0's error weighted as the decoder's, scored no better through the decoder (two seeds
+  # each; docs/shapes_experiments.md, 2026-12-05 midnight).
   c.prior = stage('prior', steps=1000, batch_size=64, lr=1e-3, ema_decay=0.995)
   c.prior.image_size = 64        # = clip.image_size: images only go through the frozen CLIP
   c.prior.clip_checkpoint = ''   # '' = <workdir>/clip of this run
