@@ -112,7 +112,7 @@ def get_config(arg=None):
   c.upsampler.noise_aug = 0.2        # max noise level of low-res noise augmentation
   c.upsampler.model = dict(channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                            attention_resolutions=(), head_channels=64, dropout=0.0,
-                           custom_conv_grad=True)
+                           custom_conv_grad=True, image_embed_cond=False)
   c.upsampler.diffusion = dict(schedule='cosine', timesteps=1000, objective='eps',
                                learned_variance=False)
   c.upsampler.sample = dict(sampler='ddim', steps=50)

@@ -263,9 +263,12 @@ def get_config(arg=None):
   c.upsampler.crop_frac = 0.5   # trains on random crops of this fraction of high_res
   c.upsampler.degradation = 'blur'   # 'blur' (first upsampler) or 'bsr' (second)
   c.upsampler.noise_aug = 0.0        # max noise level of low-res noise augmentation
+  # image_embed_cond=True (the UNet also takes the decoder's CLIP image embedding) was no
+  # better: one upsampling of the same decoder samples drew 43.4 / 14.1% of seen / held-out
+  # two-object prompts right against 45.3 / 15.6% (docs/shapes_experiments.md).
   c.upsampler.model = dict(channels=32, channel_mult=(1, 2), num_res_blocks=1,
                            attention_resolutions=(), head_channels=32, dropout=0.0,
-                           custom_conv_grad=False)
+                           custom_conv_grad=False, image_embed_cond=False)
   c.upsampler.diffusion = dict(schedule='cosine', timesteps=1000, objective='v',
                                learned_variance=False)
   c.upsampler.sample = dict(sampler='ddim', steps=7)

@@ -118,7 +118,7 @@ def get_config(arg=None):
   c.upsampler.noise_aug = 0.0        # max noise level of low-res noise augmentation
   c.upsampler.model = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1,
                            attention_resolutions=(), head_channels=8, dropout=0.0,
-                           custom_conv_grad=False)
+                           custom_conv_grad=False, image_embed_cond=False)
   c.upsampler.diffusion = dict(schedule='cosine', timesteps=1000, objective='eps',
                                learned_variance=False)
   c.upsampler.sample = dict(sampler='ddim', steps=4)

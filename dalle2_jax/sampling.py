@@ -402,6 +402,9 @@ def _build_task(config, stage: str, workdir: str, clip, params):
   if kind == 'decoder':
     from dalle2_jax.tasks import decoder as decoder_task  # pylint: disable=g-import-not-at-top
     return decoder_task.DecoderTask(config, stage, workdir, frozen_clip=clip)
+  if kind == 'upsampler':
+    from dalle2_jax.tasks import upsampler as upsampler_task  # pylint: disable=g-import-not-at-top
+    return upsampler_task.UpsamplerTask(config, stage, workdir, frozen_clip=clip)
   return tasks.get_task(config, stage, workdir)
 
 
@@ -513,12 +516,13 @@ class UnCLIP:
     if not _has_export(clip_dir):
       raise _missing_stage_error(clip_stage, clip_dir, workdir)
     clip = clip_lib.FrozenClip.load(clip_dir)
-    decoder_clip = loaded[decoder_name][0][decoder_name].get('clip_checkpoint', '')
-    if decoder_clip and os.path.abspath(decoder_clip).rstrip('/') not in (
-        os.path.abspath(clip_dir).rstrip('/'),
-        os.path.dirname(os.path.abspath(clip_dir).rstrip('/'))):
-      raise ValueError(f'The prior and decoder were trained with different CLIPs '
-                       f'({clip_dir} vs {decoder_clip}); unCLIP needs one CLIP for both.')
+    for name in [decoder_name] + by_task.get('upsampler', []):
+      other = loaded[name][0][name].get('clip_checkpoint', '')
+      if other and os.path.abspath(other).rstrip('/') not in (
+          os.path.abspath(clip_dir).rstrip('/'),
+          os.path.dirname(os.path.abspath(clip_dir).rstrip('/'))):
+        raise ValueError(f'The prior and {name} were trained with different CLIPs '
+                         f'({clip_dir} vs {other}); unCLIP needs one CLIP for all stages.')
 
     def stage(name):
       stage_config, params, directory = loaded[name]
@@ -700,7 +704,7 @@ class UnCLIP:
       x = self._closest_to(params['clip'], x, image_embed if target is None else target,
                            mirror_target)
     for i, (up, s) in enumerate(zip(self.upsamplers, settings.upsamplers)):
-      x = self._upsampler_sample(up, params['upsamplers'][i], keys[1 + i], x, s)
+      x = self._upsampler_sample(up, params['upsamplers'][i], keys[1 + i], x, s, image_embed)
     return to_uint8(x)[0]
 
   def _decoder_sample(self, params, key, image_embed, tokens, s: StageSampling):
@@ -727,10 +731,12 @@ class UnCLIP:
       score = score + cosine(images[:, :, ::-1], mirror_target)
     return images[jnp.argmax(score)][None]
 
-  def _upsampler_sample(self, stage: Stage, params, key, low_res, s: StageSampling):
-    """[1, s, s, 3] -> [1, S, S, 3] in [-1, 1]."""
+  def _upsampler_sample(self, stage: Stage, params, key, low_res, s: StageSampling,
+                        image_embed):
+    """[1, s, s, 3] -> [1, S, S, 3] in [-1, 1]; image_embed [1, D]: the decoder's (used by
+    upsamplers with image_embed_cond)."""
     return stage.task.generate(params, low_res, key, steps=s.steps, sampler=s.sampler,
-                               eta=s.eta)
+                               eta=s.eta, clip_image_embed=image_embed)
 
   def _generate_fn(self, settings: Settings):
     rerank = settings.decoder.num_candidates > 1
@@ -923,7 +929,8 @@ class UnCLIP:
                          thresholding=thresholding)
       x = jnp.clip(x, -1.0, 1.0)
       for i, (up, us) in enumerate(zip(self.upsamplers, settings.upsamplers)):
-        x = self._upsampler_sample(up, params['upsamplers'][i], keys[1 + i], x, us)
+        x = self._upsampler_sample(up, params['upsamplers'][i], keys[1 + i], x, us,
+                                   image_embed)
       return to_uint8(x)[0]
     return jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0))
 

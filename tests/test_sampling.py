@@ -198,10 +198,33 @@ def _check_chain_keeps_best(unclip, s, prompts, score_fn):
   assert len(set(np.round(score, 5))) == n   # the choice is not a tie
   best = cands[int(np.argmax(score))][None]
   want = sampling.to_uint8(unclip._upsampler_sample(unclip.upsamplers[0], p['upsamplers'][0],
-                                                    keys[1], best, s.upsamplers[0]))[0]
+                                                    keys[1], best, s.upsamplers[0],
+                                                    embed))[0]
   diff = np.abs(np.asarray(want).astype(int) - out[0])
   assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
   return out
+
+
+def test_upsampler_with_image_embed_cond_takes_the_decoders_embedding(tmp_path):
+  c = sampling_testutil.micro_config()
+  c.upsampler.model.image_embed_cond = True
+  u = sampling.UnCLIP.from_workdir(sampling_testutil.make_workdir(str(tmp_path), c))
+  assert u.upsamplers[0].task.clip is u.clip   # the chain's CLIP, not loaded again
+  s = u.default_settings().replace_stage('decoder', num_candidates=1)
+  prompts = ['a red circle']
+  out = u(prompts, seed=5, settings=s)
+  tokens = u.tokenize(prompts)
+  k_prior, k_decode = jax.random.split(jax.numpy.asarray(u._keys(5, [0])[0]))
+  p = u.params
+  embed = u._prior_one(p, k_prior, tokens, s.prior)
+  keys = jax.random.split(k_decode, 2)
+  low = u._decoder_sample(p, keys[0], embed, tokens, s.decoder)
+
+  def upsample(e):
+    return np.asarray(sampling.to_uint8(u._upsampler_sample(
+        u.upsamplers[0], p['upsamplers'][0], keys[1], low, s.upsamplers[0], e))[0], int)
+  assert np.abs(upsample(embed) - out[0]).max() <= 1
+  assert np.abs(upsample(-embed) - out[0]).mean() > 1   # the embedding matters
 
 
 def test_decoder_best_of_n_keeps_the_candidate_closest_to_the_prompt(workdir, unclip):

@@ -180,6 +180,24 @@ def test_upsampler_is_size_agnostic_and_uses_low_res():
   assert np.abs(out - out3)[0].max() > 1e-4 and np.abs(out - out3)[1].max() == 0
 
 
+def test_upsampler_image_embed_cond():
+  up = unet.Upsampler(unet=_unet(attention_resolutions=(), out_channels=3),
+                      image_embed_cond=True)
+  x, t, z = jnp.zeros((2, 8, 8, 3)), jnp.array([5, 6]), jnp.zeros((2, 16))
+  params = _perturb(nn.unbox(up.init(jax.random.PRNGKey(0), x, t, x, t,
+                                     clip_image_embed=z)['params']))
+  assert params['clip_embed_proj']['kernel'].shape == (16, 32)
+  big = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  z = jax.random.normal(jax.random.PRNGKey(2), (2, 16))
+  out = up.apply({'params': params}, big, t, big, clip_image_embed=z)
+  out2 = up.apply({'params': params}, big, t, big, clip_image_embed=z.at[1].multiply(-1))
+  assert np.abs(out - out2)[0].max() == 0 and np.abs(out - out2)[1].max() > 1e-3
+  with pytest.raises(ValueError, match='clip_image_embed'):
+    up.apply({'params': params}, big, t, big)
+  plain = unet.Upsampler(unet=_unet(attention_resolutions=(), out_channels=3))
+  assert 'clip_embed_proj' not in plain.init(jax.random.PRNGKey(0), x, t, x, t)['params']
+
+
 def test_params_shard_over_fsdp():
   """With ('conv_out', 'fsdp') and ('embed', 'fsdp') rules the params are born sharded."""
   net = _decoder()

@@ -483,17 +483,23 @@ class Upsampler(nn.Module):
     unet: the UNet (no attention, so any input size works).
     noise_level_cond: embed the noise-augmentation level `noise_level` and add it to the
       timestep embedding.
+    image_embed_cond: project the CLIP image embedding `clip_image_embed` (the decoder's
+      input) and add it to the timestep embedding, as the decoder does. The paper's
+      upsamplers see only the low-res image; DALLE2-pytorch lets every UNet of the cascade
+      take the embedding.
   """
   unet: UNet
   noise_level_cond: bool = False
+  image_embed_cond: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, t: Array, low_res: Array, noise_level: Array | None = None,
-               train: bool = False) -> Array:
+               train: bool = False, clip_image_embed: Array | None = None) -> Array:
     """x: [B, H, W, 3] noisy high-res; low_res: [B, h, w, 3] (resized to H x W if needed);
-    noise_level: [B] timestep of the low-res noise augmentation (0 = none)."""
+    noise_level: [B] timestep of the low-res noise augmentation (0 = none);
+    clip_image_embed: [B, E] (`image_embed_cond` only)."""
     if low_res.shape[1:3] != x.shape[1:3]:
       low_res = upsample_low_res(low_res, x.shape[1:3])
     h = jnp.concatenate([x.astype(self.dtype), low_res.astype(self.dtype)], axis=-1)
@@ -506,6 +512,12 @@ class Upsampler(nn.Module):
                 'noise_level_embed_0')(e)
       extra_emb = dense(self.unet.emb_dim, ('mlp', 'embed'), self.dtype, self.param_dtype,
                         'noise_level_embed_1')(nn.silu(e))
+    if self.image_embed_cond:
+      if clip_image_embed is None:
+        raise ValueError('Upsampler with image_embed_cond needs `clip_image_embed`.')
+      e = dense(self.unet.emb_dim, (None, 'mlp'), self.dtype, self.param_dtype,
+                'clip_embed_proj')(clip_image_embed.astype(self.dtype))
+      extra_emb = e if extra_emb is None else extra_emb + e
     return self.unet(h, t, extra_emb=extra_emb, train=train)
 
 

@@ -127,6 +127,11 @@ def decoder_inputs(config, stage: str, batch_size: int, embed_dim: int,
       text_embed=text_embed)
 
 
+def normalize_embed(embed):
+  """A CLIP image or text embedding [..., D] -> a UNet's input: unit vector x sqrt(D)."""
+  return clip_lib.l2_normalize(embed) * math.sqrt(embed.shape[-1])
+
+
 def cond_drop_masks(rng, batch_size: int, image_embed_drop_prob: float,
                     text_drop_prob: float) -> tuple[jax.Array, jax.Array]:
   """(image_embed_keep, text_keep) bool [B]: each False with its drop probability."""
@@ -203,8 +208,7 @@ class DecoderTask(base.Task):
 
   # --- conditioning -----------------------------------------------------------------------
   def normalize_embed(self, embed):
-    """A CLIP image or text embedding -> the decoder's input: unit vector x sqrt(D)."""
-    return clip_lib.l2_normalize(embed) * math.sqrt(self.embed_dim)
+    return normalize_embed(embed)
 
   def conditioning(self, frozen, tokens, images=None, clip_image_embed=None
                    ) -> dict[str, jax.Array]:

@@ -12,14 +12,21 @@ Any number of upsamplers form the cascade: each is a config section with `task='
   noise_aug           noise augmentation of the low-res input: its level is a timestep
                       uniform in [0, noise_aug * T), given to the model (0 = off)
   model               UNet fields (channels, channel_mult, num_res_blocks, dropout, ...);
-                      attention_resolutions must be empty
+                      attention_resolutions must be empty; image_embed_cond=True also
+                      conditions on the CLIP image embedding (below)
+  clip_checkpoint     image_embed_cond only: the frozen CLIP ('' = <workdir>/clip/export)
   diffusion, sample   as the decoder's; sample.noise_level is the augmentation level used
                       when sampling (a fraction of T, default 0)
 
 Training (all inside the jitted step): the batch image, resized to high_res, is the target;
 its degraded low_res version (tasks/degradations.py), optionally noise-augmented, is
 upsampled back (bilinear, `unet.upsample_low_res`) and concatenated to the noisy target;
-both are cropped at the same random place. Not text-conditioned.
+both are cropped at the same random place. Not text-conditioned. With
+`model.image_embed_cond` the frozen CLIP embeds the full training image (as for the decoder;
+or a batch's precomputed 'clip_image_embed') and the UNet adds the embedding's projection to
+its timestep embedding; sampling then takes the embedding the decoder was given (the prior's
+sample in the unCLIP chain), so where the low-res image leaves an object ambiguous (a small
+triangle at 32 px) the embedding can settle it. The paper's upsamplers take no embedding.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from dalle2_jax.models import clip as clip_lib
 from dalle2_jax.models import flops as flops_lib
 from dalle2_jax.models import unet as unet_lib
 from dalle2_jax.tasks import base
@@ -49,6 +57,7 @@ def build_upsampler(config, stage: str) -> unet_lib.Upsampler:
   net = unet_lib.unet_from_config(m, out_channels=6 if learned else 3,
                                   remat=bool(sc.get('remat', False)), dtype=dtype)
   return unet_lib.Upsampler(unet=net, noise_level_cond=float(sc.get('noise_aug', 0.0)) > 0,
+                            image_embed_cond=bool(m.get('image_embed_cond', False)),
                             dtype=dtype)
 
 
@@ -68,7 +77,8 @@ class UpsamplerTask(base.Task):
 
   name = 'upsampler'
 
-  def __init__(self, config, stage, workdir):
+  def __init__(self, config, stage, workdir, frozen_clip: clip_lib.FrozenClip | None = None):
+    """`frozen_clip` (image_embed_cond only) overrides loading the CLIP export."""
     super().__init__(config, stage, workdir)
     sc = self.stage_config
     for key in ('low_res', 'high_res', 'model', 'diffusion'):
@@ -94,6 +104,10 @@ class UpsamplerTask(base.Task):
                        '(a fraction of the diffusion timesteps).')
     self.diffusion = decoder_task.diffusion_from_config(config, stage)
     self._model = build_upsampler(config, stage)
+    self.image_embed_cond = self._model.image_embed_cond
+    self.clip = None
+    if self.image_embed_cond:
+      self.clip = frozen_clip or clip_lib.FrozenClip.for_stage(sc, workdir)
 
   # --- model ------------------------------------------------------------------------------
   def model(self):
@@ -102,11 +116,21 @@ class UpsamplerTask(base.Task):
   def init(self, rng, batch):
     b = batch['image'].shape[0]
     s = self.crop_size
+    embed = jnp.zeros((b, self.clip.embed_dim)) if self.image_embed_cond else None
     return self._model.init({'params': rng, 'dropout': rng}, jnp.zeros((b, s, s, 3)),
                             jnp.zeros((b,), jnp.int32), jnp.zeros((b, s, s, 3)),
-                            jnp.zeros((b,), jnp.int32))['params']
+                            jnp.zeros((b,), jnp.int32), clip_image_embed=embed)['params']
+
+  def frozen_params(self):
+    return self.clip.params if self.image_embed_cond else None
 
   # --- data -------------------------------------------------------------------------------
+  def input_image_size(self) -> int:
+    """high_res, or CLIP's resolution where larger and the embedding is used (CLIP embeds
+    the full image at its own resolution, as for the decoder)."""
+    size = super().input_image_size() or self.high_res
+    return max(size, self.clip.image_size) if self.image_embed_cond else size
+
   def high_res_images(self, batch) -> jax.Array:
     x = jnp.asarray(batch['image'], jnp.float32)
     if x.shape[1:3] != (self.high_res, self.high_res):
@@ -121,9 +145,22 @@ class UpsamplerTask(base.Task):
       kind = 'none'
     return degradations.degrade(rng, images, self.low_res, kind)
 
+  def clip_image_embed(self, frozen, batch):
+    """The CLIP image embedding [B, D] of a batch's images (or its precomputed
+    'clip_image_embed'); None without image_embed_cond."""
+    if not self.image_embed_cond:
+      return None
+    embed = batch.get('clip_image_embed')
+    if embed is None:
+      frozen = self.clip.params if frozen is None else frozen
+      embed = clip_lib.encode_image(self.clip.config, frozen, batch['image'])
+    return jax.lax.stop_gradient(embed)
+
   # --- training ---------------------------------------------------------------------------
   def loss(self, params, batch, rng, frozen=None, train=True):
-    del frozen
+    embed = self.clip_image_embed(frozen, batch)
+    if embed is not None:
+      embed = decoder_task.normalize_embed(embed)
     hr = self.high_res_images(batch)
     b = hr.shape[0]
     k_deg, k_aug, k_crop, k_t, k_n, k_drop = jax.random.split(rng, 6)
@@ -141,7 +178,7 @@ class UpsamplerTask(base.Task):
 
     def model_fn(x, t):
       return self._model.apply({'params': params}, x, t, low_up, level, train=train,
-                               rngs=rngs)
+                               rngs=rngs, clip_image_embed=embed)
 
     per_example, terms = self.diffusion.training_losses(model_fn, x0, t, noise)
     loss = jnp.mean(per_example)
@@ -155,6 +192,8 @@ class UpsamplerTask(base.Task):
     sc = self.stage_config
     out = 6 if sc.diffusion.get('learned_variance', False) else 3
     f = flops_lib.unet_flops_from_config(sc.model, self.crop_size, 6, out)
+    if self.image_embed_cond:
+      f += flops_lib.dense_flops(1, self.clip.embed_dim, 4 * int(sc.model.channels))
     if self.noise_aug > 0:
       emb = 4 * int(sc.model.channels)
       f += flops_lib.dense_flops(1, int(sc.model.channels), emb)
@@ -165,10 +204,18 @@ class UpsamplerTask(base.Task):
   def generate(self, params, low_res, rng, *, steps: int | None = None,
                sampler: str | None = None, spacing: str | None = None,
                noise_level: float | None = None, eta: float | None = None,
-               x_T=None) -> jax.Array:
+               x_T=None, clip_image_embed=None) -> jax.Array:
     """high_res images [B, H, H, 3] in [-1, 1] from low_res images [B, h, h, 3] in [-1, 1]
-    (e.g. the previous stage's samples). None = `config.<stage>.sample`."""
+    (e.g. the previous stage's samples). None = `config.<stage>.sample`.
+    clip_image_embed [B, D] (CLIP space, e.g. the prior's sample): required with
+    image_embed_cond, ignored without."""
     sc = self.stage_config.sample
+    embed = None
+    if self.image_embed_cond:
+      if clip_image_embed is None:
+        raise ValueError(f'config.{self.stage}.model.image_embed_cond: the upsampler needs '
+                         'the CLIP image embedding the decoder was given (clip_image_embed).')
+      embed = decoder_task.normalize_embed(jnp.asarray(clip_image_embed, jnp.float32))
     low_res = jnp.asarray(low_res, jnp.float32)
     b = low_res.shape[0]
     if low_res.shape[1:3] != (self.low_res, self.low_res):
@@ -181,7 +228,8 @@ class UpsamplerTask(base.Task):
     low_up = unet_lib.upsample_low_res(low_res, (self.high_res, self.high_res))
 
     def model_fn(x, t):
-      return self._model.apply({'params': params}, x, t, low_up, level)
+      return self._model.apply({'params': params}, x, t, low_up, level,
+                               clip_image_embed=embed)
 
     x = self.diffusion.sample(
         model_fn, (b, self.high_res, self.high_res, 3), rng,
@@ -193,6 +241,6 @@ class UpsamplerTask(base.Task):
 
   def sample(self, params, batch: Mapping[str, jax.Array], rng, frozen=None):
     """Upsamples the degraded (deterministic part only) batch images."""
-    del frozen
     hr = self.high_res_images(batch)
-    return self.generate(params, self.make_low_res(hr), rng)
+    return self.generate(params, self.make_low_res(hr), rng,
+                         clip_image_embed=self.clip_image_embed(frozen, batch))
