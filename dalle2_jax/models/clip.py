@@ -397,8 +397,8 @@ class FrozenClip:
 
   @classmethod
   def for_stage(cls, stage_config, workdir) -> 'FrozenClip':
-    """The frozen CLIP of a prior or decoder stage: `clip_checkpoint`, or the `clip` stage
-    of the same workdir (<workdir>/clip/export) when that field is empty."""
+    """The frozen CLIP of a prior, decoder or upsampler stage: `clip_checkpoint`, or the
+    `clip` stage of the same workdir (<workdir>/clip/export) when that field is empty."""
     import os  # pylint: disable=g-import-not-at-top
     path = stage_config.get('clip_checkpoint', '') or os.path.join(workdir, 'clip', 'export')
     return cls.load(path)
