@@ -123,7 +123,8 @@ def get_config(arg=None):
   c.upsampler_256.noise_aug = 0.0
   c.upsampler_256.model = dict(channels=320, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                                attention_resolutions=(), head_channels=64, dropout=0.0,
-                               custom_conv_grad=False)
+                               custom_conv_grad=False,
+                               image_embed_cond=False)   # the paper's see no embedding
   c.upsampler_256.diffusion = dict(schedule='cosine', timesteps=1000, objective='eps',
                                    learned_variance=False)
   c.upsampler_256.sample = dict(sampler='ddim', steps=27, noise_level=0.0)
@@ -138,7 +139,8 @@ def get_config(arg=None):
   c.upsampler_1024.noise_aug = 0.0
   c.upsampler_1024.model = dict(channels=192, channel_mult=(1, 1, 2, 2, 4, 4),
                                 num_res_blocks=2, attention_resolutions=(),
-                                head_channels=64, dropout=0.0, custom_conv_grad=False)
+                                head_channels=64, dropout=0.0, custom_conv_grad=False,
+                                image_embed_cond=False)
   c.upsampler_1024.diffusion = dict(schedule='linear', timesteps=1000, objective='eps',
                                     learned_variance=False)
   c.upsampler_1024.sample = dict(sampler='ddim', steps=15, noise_level=0.0)
