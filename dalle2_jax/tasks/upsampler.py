@@ -25,8 +25,9 @@ both are cropped at the same random place. Not text-conditioned. With
 `model.image_embed_cond` the frozen CLIP embeds the full training image (as for the decoder;
 or a batch's precomputed 'clip_image_embed') and the UNet adds the embedding's projection to
 its timestep embedding; sampling then takes the embedding the decoder was given (the prior's
-sample in the unCLIP chain), so where the low-res image leaves an object ambiguous (a small
-triangle at 32 px) the embedding can settle it. The paper's upsamplers take no embedding.
+sample in the unCLIP chain), so that where the low-res image leaves an object ambiguous (a
+small triangle at 32 px) the embedding might settle it; on captioned_shapes it did not
+(docs/shapes_experiments.md, 2026-12-06). The paper's upsamplers take no embedding.
 """
 
 from __future__ import annotations
