@@ -193,10 +193,10 @@ class UpsamplerTask(base.Task):
     sc = self.stage_config
     out = 6 if sc.diffusion.get('learned_variance', False) else 3
     f = flops_lib.unet_flops_from_config(sc.model, self.crop_size, 6, out)
+    emb = 4 * int(sc.model.channels)   # the timestep embedding's width
     if self.image_embed_cond:
-      f += flops_lib.dense_flops(1, self.clip.embed_dim, 4 * int(sc.model.channels))
+      f += flops_lib.dense_flops(1, self.clip.embed_dim, emb)
     if self.noise_aug > 0:
-      emb = 4 * int(sc.model.channels)
       f += flops_lib.dense_flops(1, int(sc.model.channels), emb)
       f += flops_lib.dense_flops(1, emb, emb)
     return float(f)
