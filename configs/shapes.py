@@ -125,6 +125,10 @@ def get_config(arg=None):
   # runs/s28, python -m dalle2_jax.evaluate --num_prompts 128): seen / held-out / two-object
   # 87.2 / 75.0 / 54.3% against 86.2 / 63.5 / 44.5%.
   c.clip.colour_swap_negatives = True
+  # A two-object image with its second object moved to a cell that makes the caption's
+  # relation false (another axis, or reversed), as the hard negative image in a share of
+  # the examples (tasks/hard_negatives.py MirrorNegatives).
+  c.clip.relocate_negatives = False
   c.clip.model = dict(
       embed_dim=64,
       text=dict(width=64, depth=2, heads=2, vocab_size=49408, activation='quick_gelu'),

@@ -450,7 +450,7 @@ def test_colour_swap_negatives_are_the_scene_with_its_colours_exchanged():
   batch['tokens'] = tokenizer_lib.Tokenizer.from_config(config)(
       [e['caption'] for e in examples])
   out = hn.MirrorNegatives(config, 'clip')(batch)
-  mirror, swap_image = out['mirror'], out['swap_image']
+  mirror, swap_image = out['mirror'], out['negative_image']
   plain = hn.mirror_axis(batch['objects'], batch['num_objects'], batch['names'],
                          batch['relation'])
   applies = cs.colour_swap_applies(batch['objects'], batch['num_objects'], batch['names'])
@@ -483,3 +483,89 @@ def test_colour_swap_negatives_are_the_scene_with_its_colours_exchanged():
   config.clip.mirror_negatives = 'none'
   with pytest.raises(ValueError, match='colour_swap_negatives'):
     hn.MirrorNegatives(config, 'clip')
+
+
+def test_relocate_negatives_move_the_second_object_where_the_relation_is_false():
+  """config.clip.relocate_negatives: a two-object example may get its image with the second
+  object moved to another cell as its negative image (`mirror` = RELOCATE): exactly the
+  scene rendered with that object's cell changed (same jitter), two objects apart, false of
+  the caption by the scorer; on both axes (a left/right caption drawn in one column, an
+  above/below one side by side); 1 / n of the examples where n kinds apply, always where it
+  alone does; one-object examples never. The clip loss embeds it in the mirror's place."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.tasks import hard_negatives as hn  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config()
+  config.unlock()
+  config.clip.relocate_negatives = True
+  config.clip.recolour_prob, config.clip.hard_negatives = 0.0, False
+  n = 320
+  examples = [cs.make_example('train', i) for i in range(n)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in
+           ('objects', 'num_objects', 'relation', 'names')}
+  batch['image'] = np.stack([e['image'] for e in examples]).astype(np.float32) / 127.5 - 1
+  batch['tokens'] = tokenizer_lib.Tokenizer.from_config(config)(
+      [e['caption'] for e in examples])
+  out = hn.MirrorNegatives(config, 'clip')(batch)
+  mirror, negative = out['mirror'], out['negative_image']
+  moved = mirror == hn.RELOCATE
+  two = batch['num_objects'] == 2
+  assert not np.any(moved & ~two)
+  config.clip.relocate_negatives = False
+  before = hn.MirrorNegatives(config, 'clip')(batch)
+  np.testing.assert_array_equal(mirror[~moved], before['mirror'][~moved])
+  np.testing.assert_array_equal(negative[~moved], before['negative_image'][~moved])
+  alone = two & (before['mirror'] == hn.NO_MIRROR)
+  assert alone.sum() > 10 and np.all(moved[alone])
+  shared = two & ~alone
+  assert 0.15 < moved[shared].mean() < 0.6, moved[shared].mean()
+  axes = set()
+  for i in np.flatnonzero(moved):
+    e = examples[i]
+    cells = [(r, c) for r in range(3) for c in range(3)
+             if (r, c) != tuple(e['objects'][0, [cs.ROW, cs.COL]])]
+    jitter = cs.sample_layout(cs.split_rng('train', i, 0), 'train', None)['jitter']
+    drawn = [(r, c) for r, c in cells if np.allclose(
+        (negative[i] + 1) * 127.5, cs.render(np.array(
+            [e['objects'][0], [*e['objects'][1, :3], r, c]]), jitter), atol=0.5)]
+    assert len(drawn) == 1, e['caption']
+    image = np.round((negative[i] + 1) * 127.5).astype(np.uint8)
+    args = (e['objects'], e['num_objects'], e['relation'], e['names'])
+    assert len(scoring.detect(image)) == 2, e['caption']
+    assert not scoring.check(scoring.detect(image), *args)['overall'], e['caption']
+    new = cs.relation_of(*e['objects'][0, [cs.ROW, cs.COL]], *drawn[0])
+    axes.add((int(e['relation']) // 2, new // 2))
+  assert {(0, 1), (1, 0)} <= axes, axes
+  # The loss embeds the moved image where the mirror would go (examples that need no draw).
+  config.clip.relocate_negatives = True
+  pick = np.concatenate([np.flatnonzero(alone)[:3], np.flatnonzero(~two)[:3]])
+  small = {k: v[pick] for k, v in batch.items()}
+  small_out = hn.MirrorNegatives(config, 'clip')(small)
+  assert np.all(small_out['mirror'][:3] == hn.RELOCATE)
+  images = np.stack([small_out['negative_image'][j] if m == hn.RELOCATE else im[:, ::-1]
+                     for j, (im, m) in enumerate(zip(small['image'], small_out['mirror']))])
+  assert_loss_takes_negative_images(config, small, small_out['mirror'], images)
+  config.data.name = 'tfds'
+  config.clip.mirror_negatives, config.clip.colour_swap_negatives = 'none', False
+  with pytest.raises(ValueError, match='relocate_negatives'):
+    hn.MirrorNegatives(config, 'clip')
+
+
+def test_move_second_object_refuses_what_is_no_scene():
+  """captioned_shapes.move_second_object returns None where the moved object would come
+  within MIN_GAP of the first, and refuses large objects and sizes not a multiple of 8."""
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  objects = np.array([[0, 0, 0, 1, 1], [1, 1, 0, 0, 0]], np.int32)   # centre, top left
+  jitter = np.array([[0, 2], [0, -2]], np.int32)   # first 2 px right, second 2 px left
+  image = cs.render(objects, jitter).astype(np.float32) / 127.5 - 1
+  # Into the right cell the boxes would touch (x 28..40 and 40..52): no scene.
+  assert cs.move_second_object(image, objects, 5) is None
+  out = cs.move_second_object(image, objects, 3)   # the left cell: 8 px apart
+  np.testing.assert_allclose((out + 1) * 127.5, cs.render(
+      np.array([objects[0], [1, 1, 0, 1, 0]]), jitter), atol=0.5)
+  with pytest.raises(ValueError, match='small objects'):
+    cs.move_second_object(image, np.array([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]]), 3)
+  with pytest.raises(ValueError, match='multiple of 8'):
+    cs.move_second_object(image[:60, :60], objects, 3)

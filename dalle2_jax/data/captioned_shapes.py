@@ -308,6 +308,46 @@ def swap_colours_where(images: np.ndarray, objects: np.ndarray, where: np.ndarra
   return out
 
 
+def _cell_window(cell: int, size: int) -> tuple[slice, slice]:
+  """The rows and columns of a cell's 16 px window (at 64 px; scaled to `size`), which
+  holds a small object whatever its jitter; the nine windows do not overlap."""
+  half = IMAGE_SIZE // 8
+  y, x = CELL_CENTRES[cell // 3], CELL_CENTRES[cell % 3]
+  to = lambda v: v * size // IMAGE_SIZE  # noqa: E731
+  return slice(to(y - half), to(y + half)), slice(to(x - half), to(x + half))
+
+
+def move_second_object(image: np.ndarray, objects: np.ndarray, cell: int
+                       ) -> np.ndarray | None:
+  """The two-object image with its second object moved, pixel for pixel (its jitter kept),
+  to `cell` (row * 3 + col), or None where it would come nearer the first object than
+  MIN_GAP (no captioned_shapes scene). Two-object scenes draw small objects only, which
+  their cells' windows hold. image: float [H, W, 3] in [-1, 1], H a multiple of 8."""
+  size = image.shape[0]
+  if size % 8:
+    raise ValueError(f'move_second_object needs an image size that is a multiple of 8, '
+                     f'not {size}.')
+  objects = np.asarray(objects)
+  if np.any(objects[:2, SIZE] != 0):
+    raise ValueError('move_second_object moves small objects only (two-object scenes).')
+  src = _cell_window(int(objects[1, ROW] * 3 + objects[1, COL]), size)
+  dst = _cell_window(cell, size)
+  out = np.array(image)
+  patch = out[src].copy()
+  out[src] = -1.0
+  out[dst] = patch
+
+  def box(window):
+    lit = np.max(out[window], axis=-1) > -1.0 + 16 / 127.5
+    ys, xs = np.flatnonzero(lit.any(1)), np.flatnonzero(lit.any(0))
+    return (window[0].start + ys[0], window[1].start + xs[0],
+            window[0].start + ys[-1] + 1, window[1].start + xs[-1] + 1)
+  (ay0, ax0, ay1, ax1), (by0, bx0, by1, bx1) = box(_cell_window(
+      int(objects[0, ROW] * 3 + objects[0, COL]), size)), box(dst)
+  gap = max(by0 - ay1, ay0 - by1, bx0 - ax1, ax0 - bx1)
+  return out if gap * IMAGE_SIZE >= MIN_GAP * size else None
+
+
 def shape_change_applies(num_objects, names) -> np.ndarray:
   """bool [B]: one object, and a caption that names its shape (so the scene drawn with
   another shape is one the caption is false of)."""

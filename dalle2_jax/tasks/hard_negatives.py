@@ -110,7 +110,7 @@ class ConverseCaptions:
 
 MIRROR_MODES = ('none', 'left_right', 'both')
 # Values of the batch's `mirror` field: which negative image an example's caption gets.
-NO_MIRROR, LEFT_RIGHT, UP_DOWN, COLOUR_SWAP = 0, 1, 2, 3
+NO_MIRROR, LEFT_RIGHT, UP_DOWN, COLOUR_SWAP, RELOCATE = 0, 1, 2, 3, 4
 
 
 class MirrorNegatives:
@@ -133,10 +133,19 @@ class MirrorNegatives:
 
   With `config.<stage>.colour_swap_negatives`, a two-object image whose objects' colours,
   exchanged, make a scene its caption is false of (`captioned_shapes.colour_swap_applies`:
-  no held-out pair drawn) may instead get that image (`swap_image`, float like `image`;
-  `mirror` = COLOUR_SWAP): always where no mirror applies, else half the time (seeded by the
-  batch's tokens). The negative captions test which colour goes with which shape from the
-  image's side; this tests it from the caption's, the direction the prior samples in.
+  no held-out pair drawn) may instead get that image (`negative_image`, float like
+  `image`; `mirror` = COLOUR_SWAP): always where no mirror applies, else half the time
+  (seeded by the batch's tokens). The negative captions test which colour goes with which
+  shape from the image's side; this tests it from the caption's, the direction the prior
+  samples in.
+
+  With `config.<stage>.relocate_negatives`, a two-object image may instead get the scene
+  with its second object moved to another cell whose relation to the first is not the
+  caption's (nor, for objects the caption names alike, its converse): "above" drawn side by
+  side or diagonally, "to the left of" drawn in one column or reversed (`negative_image`,
+  `mirror` = RELOCATE; `captioned_shapes.move_second_object`, any shapes). It is taken in
+  1 / n of the examples where n kinds apply (the mirror, the colour swap, this), always
+  where it alone does. The mirror tests one axis; this tests which axis the pair lies on.
   """
 
   def __init__(self, config, stage: str):
@@ -151,27 +160,75 @@ class MirrorNegatives:
                        f'{config.data.name!r}.')
 
     self.colour_swap = bool(config[stage].get('colour_swap_negatives', False))
-    if self.colour_swap and config.data.name != 'captioned_shapes':
-      raise ValueError(f'config.{stage}.colour_swap_negatives needs the captioned_shapes '
-                       'attributes; set it to False for config.data.name='
-                       f'{config.data.name!r}.')
+    self.relocate = bool(config[stage].get('relocate_negatives', False))
+    for field in ('colour_swap', 'relocate'):
+      if getattr(self, field) and config.data.name != 'captioned_shapes':
+        raise ValueError(f'config.{stage}.{field}_negatives needs the captioned_shapes '
+                         'attributes; set it to False for config.data.name='
+                         f'{config.data.name!r}.')
 
   def __call__(self, batch: dict) -> dict:
-    if self.mode == 'none' and not self.colour_swap:
+    if self.mode == 'none' and not (self.colour_swap or self.relocate):
       return batch
     mirror = (np.full(len(batch['objects']), NO_MIRROR, np.int32) if self.mode == 'none' else
               mirror_axis(batch['objects'], batch['num_objects'], batch['names'],
                           batch['relation'], up_down=self.mode == 'both'))
-    if not self.colour_swap:
+    if not (self.colour_swap or self.relocate):
       return dict(batch, mirror=mirror)
-    tokens = np.ascontiguousarray(batch['tokens'])
-    rng = np.random.default_rng(zlib.crc32(tokens.tobytes()) + 2)
-    swap = (captioned_shapes.colour_swap_applies(batch['objects'], batch['num_objects'],
-                                                 batch['names'])
-            & ((mirror == NO_MIRROR) | (rng.random(len(mirror)) < 0.5)))
-    return dict(batch, mirror=np.where(swap, COLOUR_SWAP, mirror).astype(np.int32),
-                swap_image=captioned_shapes.swap_colours_where(batch['image'],
-                                                               batch['objects'], swap))
+    seed = zlib.crc32(np.ascontiguousarray(batch['tokens']).tobytes())
+    num_kinds = (mirror != NO_MIRROR).astype(np.int32)
+    negative_image = np.array(batch['image'])
+    if self.colour_swap:
+      applies = captioned_shapes.colour_swap_applies(batch['objects'], batch['num_objects'],
+                                                     batch['names'])
+      num_kinds += applies
+      swap = applies & ((mirror == NO_MIRROR)
+                        | (np.random.default_rng(seed + 2).random(len(mirror)) < 0.5))
+      mirror = np.where(swap, COLOUR_SWAP, mirror).astype(np.int32)
+      negative_image = captioned_shapes.swap_colours_where(negative_image, batch['objects'],
+                                                           swap)
+    if self.relocate:
+      rng = np.random.default_rng(seed + 3)
+      moved = relocated_images(batch['image'], batch['objects'], batch['num_objects'],
+                               batch['names'], batch['relation'], rng)
+      for i, image in enumerate(moved):
+        if image is not None and rng.random() * (num_kinds[i] + 1) < 1:
+          mirror[i], negative_image[i] = RELOCATE, image
+    return dict(batch, mirror=mirror, negative_image=negative_image)
+
+
+def relocated_images(images, objects, num_objects, names, relation, rng) -> list:
+  """For each two-object example, its image with the second object moved to a random cell
+  that makes the caption false (`MirrorNegatives`' RELOCATE), or None (one object, or no
+  such cell far enough from the first object)."""
+  cs = captioned_shapes
+  objects, relation = np.asarray(objects), np.asarray(relation)
+  apart = told_apart(objects, names)
+  out = []
+  for i in range(len(objects)):
+    moved = None
+    if int(num_objects[i]) == 2:
+      r0, c0 = int(objects[i, 0, cs.ROW]), int(objects[i, 0, cs.COL])
+      rel = int(relation[i])
+      for cell in rng.permutation(9):
+        new = cs.relation_of(r0, c0, cell // 3, cell % 3)
+        if new in (-1, rel) or (not apart[i] and new == cs.OPPOSITE_RELATION[rel]):
+          continue
+        moved = cs.move_second_object(images[i], objects[i], int(cell))
+        if moved is not None:
+          break
+    out.append(moved)
+  return out
+
+
+def told_apart(objects, names) -> np.ndarray:
+  """bool [B]: the caption names the two objects differently (shape, colour or size), so a
+  relation read the other way round is false of it."""
+  cs = captioned_shapes
+  objects, names = np.asarray(objects), np.asarray(names, bool)
+  fields = [cs.SHAPE, cs.COLOUR, cs.SIZE]
+  return np.any(names[:, [cs.NAME_FIELDS.index(f) for f in ('shape', 'colour', 'size')]]
+                & (objects[:, 0, fields] != objects[:, 1, fields]), axis=1)
 
 
 def mirror_axis(objects, num_objects, names, relation, up_down: bool = False) -> np.ndarray:
@@ -183,14 +240,12 @@ def mirror_axis(objects, num_objects, names, relation, up_down: bool = False) ->
   two = np.asarray(num_objects) == 2
   relation = np.asarray(relation)
   # Objects the caption names alike ("a triangle to the left of a triangle") stay true.
-  fields = [cs.SHAPE, cs.COLOUR, cs.SIZE]
-  told_apart = np.any(names[:, [cs.NAME_FIELDS.index(f) for f in ('shape', 'colour', 'size')]]
-                      & (objects[:, 0, fields] != objects[:, 1, fields]), axis=1)
+  apart = told_apart(objects, names)
   position = names[:, cs.NAME_FIELDS.index('position')]
 
   def changes(relations, cell_field):
     rel = np.isin(relation, [cs.RELATIONS.index(r) for r in relations])
-    return np.where(two, rel & told_apart, position & (objects[:, 0, cell_field] != 1))
+    return np.where(two, rel & apart, position & (objects[:, 0, cell_field] != 1))
   out = np.where(changes(('to the left of', 'to the right of'), cs.COL), LEFT_RIGHT, NO_MIRROR)
   if up_down:
     symmetric = ~np.any(objects[:, :, cs.SHAPE] == cs.SHAPES.index('triangle'), axis=1)
