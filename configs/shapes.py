@@ -129,6 +129,9 @@ def get_config(arg=None):
   # relation false (another axis, or reversed), as the hard negative image in a share of
   # the examples (tasks/hard_negatives.py MirrorNegatives).
   c.clip.relocate_negatives = False
+  # An image of small objects with one of them copied into an empty cell (one object more
+  # than the caption says), as the hard negative image in a share of the examples.
+  c.clip.extra_object_negatives = False
   c.clip.model = dict(
       embed_dim=64,
       text=dict(width=64, depth=2, heads=2, vocab_size=49408, activation='quick_gelu'),

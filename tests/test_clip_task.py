@@ -553,19 +553,81 @@ def test_relocate_negatives_move_the_second_object_where_the_relation_is_false()
     hn.MirrorNegatives(config, 'clip')
 
 
-def test_move_second_object_refuses_what_is_no_scene():
-  """captioned_shapes.move_second_object returns None where the moved object would come
-  within MIN_GAP of the first, and refuses large objects and sizes not a multiple of 8."""
+def test_move_object_refuses_what_is_no_scene():
+  """captioned_shapes.move_object moves or copies a small object pixel for pixel, and
+  returns None where it would come within MIN_GAP of another object; it refuses large
+  objects, occupied cells and sizes not a multiple of 8."""
   from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
   objects = np.array([[0, 0, 0, 1, 1], [1, 1, 0, 0, 0]], np.int32)   # centre, top left
   jitter = np.array([[0, 2], [0, -2]], np.int32)   # first 2 px right, second 2 px left
   image = cs.render(objects, jitter).astype(np.float32) / 127.5 - 1
   # Into the right cell the boxes would touch (x 28..40 and 40..52): no scene.
-  assert cs.move_second_object(image, objects, 5) is None
-  out = cs.move_second_object(image, objects, 3)   # the left cell: 8 px apart
+  assert cs.move_object(image, objects, 1, 5) is None
+  out = cs.move_object(image, objects, 1, 3)   # the left cell: 8 px apart
   np.testing.assert_allclose((out + 1) * 127.5, cs.render(
       np.array([objects[0], [1, 1, 0, 1, 0]]), jitter), atol=0.5)
+  out = cs.move_object(image, objects, 0, 8, keep=True)   # a copy of the first, bottom right
+  np.testing.assert_allclose((out + 1) * 127.5, cs.render(
+      np.array([objects[0], objects[1], [0, 0, 0, 2, 2]]), np.concatenate([jitter, [[0, 2]]])),
+                             atol=0.5)
+  assert cs.move_object(image, objects, 0, 2, keep=True) is not None
   with pytest.raises(ValueError, match='small objects'):
-    cs.move_second_object(image, np.array([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]]), 3)
+    cs.move_object(image, np.array([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]]), 1, 3)
+  with pytest.raises(ValueError, match='not empty'):
+    cs.move_object(image, objects, 1, 4)
   with pytest.raises(ValueError, match='multiple of 8'):
-    cs.move_second_object(image[:60, :60], objects, 3)
+    cs.move_object(image[:60, :60], objects, 1, 3)
+
+
+def test_extra_object_negatives_add_a_copy_of_an_object():
+  """config.clip.extra_object_negatives: an example whose objects are all small may get its
+  image with one of them copied into an empty cell (`mirror` = EXTRA_OBJECT): the scene
+  drawn with that copy added (same jitter), one object more by the scorer, so false of the
+  caption; examples with a large object never; the mirror and the extra object each about
+  half the time where both apply. The clip loss embeds it in the mirror's place."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.tasks import hard_negatives as hn  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config()
+  config.unlock()
+  config.clip.extra_object_negatives, config.clip.colour_swap_negatives = True, False
+  config.clip.recolour_prob, config.clip.hard_negatives = 0.0, False
+  n = 240
+  examples = [cs.make_example('train', i) for i in range(n)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in
+           ('objects', 'num_objects', 'relation', 'names')}
+  batch['image'] = np.stack([e['image'] for e in examples]).astype(np.float32) / 127.5 - 1
+  batch['tokens'] = tokenizer_lib.Tokenizer.from_config(config)(
+      [e['caption'] for e in examples])
+  out = hn.MirrorNegatives(config, 'clip')(batch)
+  mirror, negative = out['mirror'], out['negative_image']
+  extra = mirror == hn.EXTRA_OBJECT
+  small = np.array([np.all(e['objects'][:e['num_objects'], cs.SIZE] == 0) for e in examples])
+  assert not np.any(extra & ~small)
+  plain = hn.mirror_axis(batch['objects'], batch['num_objects'], batch['names'],
+                         batch['relation'])
+  np.testing.assert_array_equal(mirror[~extra], plain[~extra])
+  assert np.mean(extra[small & (plain == hn.NO_MIRROR)]) > 0.9
+  assert 0.3 < np.mean(extra[small & (plain != hn.NO_MIRROR)]) < 0.7
+  for i in np.flatnonzero(extra):
+    e = examples[i]
+    image = np.round((negative[i] + 1) * 127.5).astype(np.uint8)
+    args = (e['objects'], e['num_objects'], e['relation'], e['names'])
+    assert len(scoring.detect(image)) == e['num_objects'] + 1, e['caption']
+    assert not scoring.check(scoring.detect(image), *args)['overall'], e['caption']
+    jitter = cs.sample_layout(cs.split_rng('train', i, 0), 'train', None)['jitter']
+    k = e['num_objects']
+    drawn = [(w, c) for w in range(k) for c in range(9) if np.allclose(
+        (negative[i] + 1) * 127.5, cs.render(
+            np.concatenate([e['objects'][:k], [[*e['objects'][w, :3], c // 3, c % 3]]]),
+            np.concatenate([jitter[:k], jitter[w:w + 1]])), atol=0.5)]
+    assert len(drawn) == 1, e['caption']
+  pick = np.concatenate([np.flatnonzero(extra)[:3], np.flatnonzero(~small)[:3]])
+  part = {k: v[pick] for k, v in batch.items()}
+  part_out = hn.MirrorNegatives(config, 'clip')(part)
+  images = np.stack([part_out['negative_image'][j] if m == hn.EXTRA_OBJECT else
+                     im[:, ::-1] for j, (im, m) in enumerate(zip(part['image'],
+                                                                 part_out['mirror']))])
+  assert_loss_takes_negative_images(config, part, part_out['mirror'], images)

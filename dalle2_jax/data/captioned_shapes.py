@@ -317,35 +317,43 @@ def _cell_window(cell: int, size: int) -> tuple[slice, slice]:
   return slice(to(y - half), to(y + half)), slice(to(x - half), to(x + half))
 
 
-def move_second_object(image: np.ndarray, objects: np.ndarray, cell: int
-                       ) -> np.ndarray | None:
-  """The two-object image with its second object moved, pixel for pixel (its jitter kept),
-  to `cell` (row * 3 + col), or None where it would come nearer the first object than
-  MIN_GAP (no captioned_shapes scene). Two-object scenes draw small objects only, which
-  their cells' windows hold. image: float [H, W, 3] in [-1, 1], H a multiple of 8."""
+def move_object(image: np.ndarray, objects: np.ndarray, which: int, cell: int,
+                keep: bool = False) -> np.ndarray | None:
+  """The image with small object `which` moved (or, with `keep`, copied), pixel for pixel
+  (its jitter kept), to the empty `cell` (row * 3 + col); None where it would come nearer
+  another object than MIN_GAP (no captioned_shapes scene, and one the scorer could read as
+  one object). A cell's window holds a small object whatever its jitter (two-object scenes
+  draw small objects only). image: float [H, W, 3] in [-1, 1], H a multiple of 8."""
   size = image.shape[0]
   if size % 8:
-    raise ValueError(f'move_second_object needs an image size that is a multiple of 8, '
-                     f'not {size}.')
+    raise ValueError(f'move_object needs an image size that is a multiple of 8, not {size}.')
   objects = np.asarray(objects)
-  if np.any(objects[:2, SIZE] != 0):
-    raise ValueError('move_second_object moves small objects only (two-object scenes).')
-  src = _cell_window(int(objects[1, ROW] * 3 + objects[1, COL]), size)
+  present = [i for i in range(len(objects)) if objects[i, SHAPE] >= 0]
+  if np.any(objects[present, SIZE] != 0):
+    raise ValueError('move_object moves small objects only (a large one overflows its cell).')
+  cells = [int(objects[i, ROW] * 3 + objects[i, COL]) for i in present]
+  if cell in cells:
+    raise ValueError(f'move_object: cell {cell} is not empty.')
+  src = _cell_window(cells[present.index(which)], size)
   dst = _cell_window(cell, size)
   out = np.array(image)
-  patch = out[src].copy()
-  out[src] = -1.0
-  out[dst] = patch
+  out[dst] = out[src]
+  if not keep:
+    out[src] = -1.0
 
   def box(window):
     lit = np.max(out[window], axis=-1) > -1.0 + 16 / 127.5
     ys, xs = np.flatnonzero(lit.any(1)), np.flatnonzero(lit.any(0))
     return (window[0].start + ys[0], window[1].start + xs[0],
             window[0].start + ys[-1] + 1, window[1].start + xs[-1] + 1)
-  (ay0, ax0, ay1, ax1), (by0, bx0, by1, bx1) = box(_cell_window(
-      int(objects[0, ROW] * 3 + objects[0, COL]), size)), box(dst)
-  gap = max(by0 - ay1, ay0 - by1, bx0 - ax1, ax0 - bx1)
-  return out if gap * IMAGE_SIZE >= MIN_GAP * size else None
+  by0, bx0, by1, bx1 = box(dst)
+  for i, c in zip(present, cells):
+    if i == which and not keep:
+      continue
+    ay0, ax0, ay1, ax1 = box(_cell_window(c, size))
+    if max(by0 - ay1, ay0 - by1, bx0 - ax1, ax0 - bx1) * IMAGE_SIZE < MIN_GAP * size:
+      return None
+  return out
 
 
 def shape_change_applies(num_objects, names) -> np.ndarray:

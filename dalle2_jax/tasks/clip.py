@@ -22,9 +22,10 @@ colour, which is what zero-shot accuracy on the held-out pairs needs), and hard_
 the metric hard_negative_top1 is how often an image scores its caption above its hard
 negative), and mirror_negatives (captioned_shapes only: 'left_right' or 'both'; each image
 mirrored as a hard negative image for a caption the mirror makes false; metric mirror_top1)
-and colour_swap_negatives / relocate_negatives (captioned_shapes only: a two-object image
-with its objects' colours exchanged / its second object moved to a cell that makes the
-relation false, as that hard negative image instead; counted in mirror_top1).
+and colour_swap_negatives / relocate_negatives / extra_object_negatives (captioned_shapes
+only: a two-object image with its objects' colours exchanged / its second object moved to a
+cell that makes the relation false / an image with one object copied into an empty cell, as
+that hard negative image instead; counted in mirror_top1).
 """
 
 from __future__ import annotations
@@ -164,9 +165,8 @@ class ClipTask(base.Task):
       has_mirror = mirror != hard_negatives_lib.NO_MIRROR
       up_down = (mirror == hard_negatives_lib.UP_DOWN)[:, None, None, None]
       negative_pixels = jnp.where(up_down, pixels[:, ::-1], pixels[:, :, ::-1])
-      if 'negative_image' in batch:   # colour_swap_negatives, relocate_negatives
-        drawn = ((mirror == hard_negatives_lib.COLOUR_SWAP)
-                 | (mirror == hard_negatives_lib.RELOCATE))[:, None, None, None]
+      if 'negative_image' in batch:   # colour_swap, relocate, extra_object negatives
+        drawn = jnp.isin(mirror, jnp.array(hard_negatives_lib.DRAWN_KINDS))[:, None, None, None]
         negative_pixels = jnp.where(
             drawn, clip_lib.preprocess_images(self.model_config, batch['negative_image']),
             negative_pixels)

@@ -110,7 +110,8 @@ class ConverseCaptions:
 
 MIRROR_MODES = ('none', 'left_right', 'both')
 # Values of the batch's `mirror` field: which negative image an example's caption gets.
-NO_MIRROR, LEFT_RIGHT, UP_DOWN, COLOUR_SWAP, RELOCATE = 0, 1, 2, 3, 4
+NO_MIRROR, LEFT_RIGHT, UP_DOWN, COLOUR_SWAP, RELOCATE, EXTRA_OBJECT = 0, 1, 2, 3, 4, 5
+DRAWN_KINDS = (COLOUR_SWAP, RELOCATE, EXTRA_OBJECT)   # in the batch's `negative_image`
 
 
 class MirrorNegatives:
@@ -143,9 +144,17 @@ class MirrorNegatives:
   with its second object moved to another cell whose relation to the first is not the
   caption's (nor, for objects the caption names alike, its converse): "above" drawn side by
   side or diagonally, "to the left of" drawn in one column or reversed (`negative_image`,
-  `mirror` = RELOCATE; `captioned_shapes.move_second_object`, any shapes). It is taken in
-  1 / n of the examples where n kinds apply (the mirror, the colour swap, this), always
-  where it alone does. The mirror tests one axis; this tests which axis the pair lies on.
+  `mirror` = RELOCATE; `captioned_shapes.move_object`, any shapes). The mirror tests one
+  axis; this tests which axis the pair lies on.
+
+  With `config.<stage>.extra_object_negatives`, an image of small objects may instead get
+  itself with one of its objects copied into an empty cell (`mirror` = EXTRA_OBJECT): one
+  object more than the caption says, which no captioned_shapes caption or image (one or two
+  objects) ever contrasts.
+
+  Each kind that applies to an example is equally likely to be its negative image (the
+  mirror and the colour swap as above; each further kind taken in 1 / n of the examples
+  where n kinds apply, always where it alone does).
   """
 
   def __init__(self, config, stage: str):
@@ -161,19 +170,21 @@ class MirrorNegatives:
 
     self.colour_swap = bool(config[stage].get('colour_swap_negatives', False))
     self.relocate = bool(config[stage].get('relocate_negatives', False))
-    for field in ('colour_swap', 'relocate'):
+    self.extra_object = bool(config[stage].get('extra_object_negatives', False))
+    for field in ('colour_swap', 'relocate', 'extra_object'):
       if getattr(self, field) and config.data.name != 'captioned_shapes':
         raise ValueError(f'config.{stage}.{field}_negatives needs the captioned_shapes '
                          'attributes; set it to False for config.data.name='
                          f'{config.data.name!r}.')
 
   def __call__(self, batch: dict) -> dict:
-    if self.mode == 'none' and not (self.colour_swap or self.relocate):
+    drawn = self.colour_swap or self.relocate or self.extra_object
+    if self.mode == 'none' and not drawn:
       return batch
     mirror = (np.full(len(batch['objects']), NO_MIRROR, np.int32) if self.mode == 'none' else
               mirror_axis(batch['objects'], batch['num_objects'], batch['names'],
                           batch['relation'], up_down=self.mode == 'both'))
-    if not (self.colour_swap or self.relocate):
+    if not drawn:
       return dict(batch, mirror=mirror)
     seed = zlib.crc32(np.ascontiguousarray(batch['tokens']).tobytes())
     num_kinds = (mirror != NO_MIRROR).astype(np.int32)
@@ -187,23 +198,27 @@ class MirrorNegatives:
       mirror = np.where(swap, COLOUR_SWAP, mirror).astype(np.int32)
       negative_image = captioned_shapes.swap_colours_where(negative_image, batch['objects'],
                                                            swap)
-    if self.relocate:
-      rng = np.random.default_rng(seed + 3)
-      moved = relocated_images(batch['image'], batch['objects'], batch['num_objects'],
-                               batch['names'], batch['relation'], rng)
-      for i, image in enumerate(moved):
-        if image is not None and rng.random() * (num_kinds[i] + 1) < 1:
-          mirror[i], negative_image[i] = RELOCATE, image
+    for kind, on, make in ((RELOCATE, self.relocate, relocated_images),
+                           (EXTRA_OBJECT, self.extra_object, extra_object_images)):
+      if not on:
+        continue
+      rng = np.random.default_rng(seed + kind - 1)
+      for i, image in enumerate(make(batch, rng)):
+        if image is not None:   # reservoir sampling: uniform over the kinds that apply
+          num_kinds[i] += 1
+          if rng.random() * num_kinds[i] < 1:
+            mirror[i], negative_image[i] = kind, image
     return dict(batch, mirror=mirror, negative_image=negative_image)
 
 
-def relocated_images(images, objects, num_objects, names, relation, rng) -> list:
+def relocated_images(batch, rng) -> list:
   """For each two-object example, its image with the second object moved to a random cell
   that makes the caption false (`MirrorNegatives`' RELOCATE), or None (one object, or no
   such cell far enough from the first object)."""
   cs = captioned_shapes
-  objects, relation = np.asarray(objects), np.asarray(relation)
-  apart = told_apart(objects, names)
+  images, num_objects = batch['image'], batch['num_objects']
+  objects, relation = np.asarray(batch['objects']), np.asarray(batch['relation'])
+  apart = told_apart(objects, batch['names'])
   out = []
   for i in range(len(objects)):
     moved = None
@@ -214,10 +229,33 @@ def relocated_images(images, objects, num_objects, names, relation, rng) -> list
         new = cs.relation_of(r0, c0, cell // 3, cell % 3)
         if new in (-1, rel) or (not apart[i] and new == cs.OPPOSITE_RELATION[rel]):
           continue
-        moved = cs.move_second_object(images[i], objects[i], int(cell))
+        moved = cs.move_object(images[i], objects[i], 1, int(cell))
         if moved is not None:
           break
     out.append(moved)
+  return out
+
+
+def extra_object_images(batch, rng) -> list:
+  """For each example whose objects are all small, its image with one of them (at random)
+  copied into a random empty cell far enough from the others (`MirrorNegatives`'
+  EXTRA_OBJECT), else None."""
+  cs = captioned_shapes
+  objects = np.asarray(batch['objects'])
+  out = []
+  for i in range(len(objects)):
+    n = int(batch['num_objects'][i])
+    copied = None
+    if np.all(objects[i, :n, cs.SIZE] == 0):
+      which = int(rng.integers(n))
+      taken = {int(o[cs.ROW] * 3 + o[cs.COL]) for o in objects[i, :n]}
+      for cell in rng.permutation(9):
+        if int(cell) not in taken:
+          copied = cs.move_object(batch['image'][i], objects[i, :n], which, int(cell),
+                                  keep=True)
+          if copied is not None:
+            break
+    out.append(copied)
   return out
 
 
