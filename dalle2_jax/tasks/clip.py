@@ -166,7 +166,8 @@ class ClipTask(base.Task):
       up_down = (mirror == hard_negatives_lib.UP_DOWN)[:, None, None, None]
       negative_pixels = jnp.where(up_down, pixels[:, ::-1], pixels[:, :, ::-1])
       if 'negative_image' in batch:   # colour_swap, relocate, extra_object negatives
-        drawn = jnp.isin(mirror, jnp.array(hard_negatives_lib.DRAWN_KINDS))[:, None, None, None]
+        drawn = jnp.isin(mirror, jnp.array(hard_negatives_lib.DRAWN_KINDS))
+        drawn = drawn[:, None, None, None]
         negative_pixels = jnp.where(
             drawn, clip_lib.preprocess_images(self.model_config, batch['negative_image']),
             negative_pixels)
