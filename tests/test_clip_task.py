@@ -426,6 +426,27 @@ def test_mirror_negatives_flag_exactly_the_captions_the_mirror_makes_false(mode)
     hn.MirrorNegatives(config, 'clip')
 
 
+def shapes_negatives_setup(n, **clip_fields):
+  """(config, examples, batch): configs/shapes.py with only the given hard negative images
+  (no recolouring, no negative captions) and a float batch of its first n training
+  examples, tokenized."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config()
+  config.unlock()
+  for k, v in clip_fields.items():
+    config.clip[k] = v
+  config.clip.recolour_prob, config.clip.hard_negatives = 0.0, False
+  examples = [cs.make_example('train', i) for i in range(n)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in
+           ('objects', 'num_objects', 'relation', 'names')}
+  batch['image'] = np.stack([e['image'] for e in examples]).astype(np.float32) / 127.5 - 1
+  batch['tokens'] = tokenizer_lib.Tokenizer.from_config(config)(
+      [e['caption'] for e in examples])
+  return config, examples, batch
+
+
 def test_colour_swap_negatives_are_the_scene_with_its_colours_exchanged():
   """config.clip.colour_swap_negatives: where a two-object caption names colours, the
   example may get its image with the two objects' colours exchanged as its negative image
@@ -433,22 +454,10 @@ def test_colour_swap_negatives_are_the_scene_with_its_colours_exchanged():
   jitter), false of the caption by the scorer, never a held-out pair; always where no mirror
   applies, otherwise instead of the mirror about half the time. The clip loss embeds it in
   the mirror's place."""
-  from configs import shapes  # pylint: disable=g-import-not-at-top
-  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
   from dalle2_jax.tasks import hard_negatives as hn  # pylint: disable=g-import-not-at-top
-  config = shapes.get_config()
-  config.unlock()
-  config.clip.colour_swap_negatives = True
-  config.clip.recolour_prob, config.clip.hard_negatives = 0.0, False
-  n = 240
-  examples = [cs.make_example('train', i) for i in range(n)]
-  batch = {k: np.stack([e[k] for e in examples]) for k in
-           ('objects', 'num_objects', 'relation', 'names')}
-  batch['image'] = np.stack([e['image'] for e in examples]).astype(np.float32) / 127.5 - 1
-  batch['tokens'] = tokenizer_lib.Tokenizer.from_config(config)(
-      [e['caption'] for e in examples])
+  config, examples, batch = shapes_negatives_setup(240, colour_swap_negatives=True)
   out = hn.MirrorNegatives(config, 'clip')(batch)
   mirror, swap_image = out['mirror'], out['negative_image']
   plain = hn.mirror_axis(batch['objects'], batch['num_objects'], batch['names'],
@@ -492,22 +501,10 @@ def test_relocate_negatives_move_the_second_object_where_the_relation_is_false()
   the caption by the scorer; on both axes (a left/right caption drawn in one column, an
   above/below one side by side); 1 / n of the examples where n kinds apply, always where it
   alone does; one-object examples never. The clip loss embeds it in the mirror's place."""
-  from configs import shapes  # pylint: disable=g-import-not-at-top
-  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
   from dalle2_jax.tasks import hard_negatives as hn  # pylint: disable=g-import-not-at-top
-  config = shapes.get_config()
-  config.unlock()
-  config.clip.relocate_negatives = True
-  config.clip.recolour_prob, config.clip.hard_negatives = 0.0, False
-  n = 320
-  examples = [cs.make_example('train', i) for i in range(n)]
-  batch = {k: np.stack([e[k] for e in examples]) for k in
-           ('objects', 'num_objects', 'relation', 'names')}
-  batch['image'] = np.stack([e['image'] for e in examples]).astype(np.float32) / 127.5 - 1
-  batch['tokens'] = tokenizer_lib.Tokenizer.from_config(config)(
-      [e['caption'] for e in examples])
+  config, examples, batch = shapes_negatives_setup(320, relocate_negatives=True)
   out = hn.MirrorNegatives(config, 'clip')(batch)
   mirror, negative = out['mirror'], out['negative_image']
   moved = mirror == hn.RELOCATE
@@ -585,22 +582,11 @@ def test_extra_object_negatives_add_a_copy_of_an_object():
   drawn with that copy added (same jitter), one object more by the scorer, so false of the
   caption; examples with a large object never; the mirror and the extra object each about
   half the time where both apply. The clip loss embeds it in the mirror's place."""
-  from configs import shapes  # pylint: disable=g-import-not-at-top
-  from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import scoring  # pylint: disable=g-import-not-at-top
   from dalle2_jax.tasks import hard_negatives as hn  # pylint: disable=g-import-not-at-top
-  config = shapes.get_config()
-  config.unlock()
-  config.clip.extra_object_negatives, config.clip.colour_swap_negatives = True, False
-  config.clip.recolour_prob, config.clip.hard_negatives = 0.0, False
-  n = 240
-  examples = [cs.make_example('train', i) for i in range(n)]
-  batch = {k: np.stack([e[k] for e in examples]) for k in
-           ('objects', 'num_objects', 'relation', 'names')}
-  batch['image'] = np.stack([e['image'] for e in examples]).astype(np.float32) / 127.5 - 1
-  batch['tokens'] = tokenizer_lib.Tokenizer.from_config(config)(
-      [e['caption'] for e in examples])
+  config, examples, batch = shapes_negatives_setup(240, extra_object_negatives=True,
+                                                   colour_swap_negatives=False)
   out = hn.MirrorNegatives(config, 'clip')(batch)
   mirror, negative = out['mirror'], out['negative_image']
   extra = mirror == hn.EXTRA_OBJECT
