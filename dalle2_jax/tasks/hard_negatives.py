@@ -188,7 +188,7 @@ class MirrorNegatives:
       return dict(batch, mirror=mirror)
     seed = zlib.crc32(np.ascontiguousarray(batch['tokens']).tobytes())
     num_kinds = (mirror != NO_MIRROR).astype(np.int32)
-    negative_image = np.array(batch['image'])
+    negative_image = batch['image']
     if self.colour_swap:
       applies = captioned_shapes.colour_swap_applies(batch['objects'], batch['num_objects'],
                                                      batch['names'])
@@ -197,7 +197,9 @@ class MirrorNegatives:
                         | (np.random.default_rng(seed + 2).random(len(mirror)) < 0.5))
       mirror = np.where(swap, COLOUR_SWAP, mirror).astype(np.int32)
       negative_image = captioned_shapes.swap_colours_where(negative_image, batch['objects'],
-                                                           swap)
+                                                           swap)   # a copy
+    else:
+      negative_image = np.array(negative_image)
     for kind, on, make in ((RELOCATE, self.relocate, relocated_images),
                            (EXTRA_OBJECT, self.extra_object, extra_object_images)):
       if not on:
