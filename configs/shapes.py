@@ -128,13 +128,16 @@ def get_config(arg=None):
   # Two more kinds of hard negative image (tasks/hard_negatives.py MirrorNegatives), each
   # for CLIP's wrong picks among decoder candidates: a two-object image with its second
   # object moved where the caption's relation is false (relocate), and an image of small
-  # objects with one copied into an empty cell (extra_object). Each learnt its negatives,
-  # but reranking 8 candidates of runs/shapes's decoder per two-object prompt, seen /
-  # held-out, over two prompt sets: the config's CLIP 69.5 / 33.6% and 65.6 / 22.7%,
-  # relocate 69.5 / 32.0% and 65.6 / 20.3%, extra_object 68.0 / 32.8% and 67.2 / 25.8%
-  # (docs/shapes_experiments.md, 2026-12-06 later). Off.
-  c.clip.relocate_negatives = False
-  c.clip.extra_object_negatives = False
+  # objects with one copied into an empty cell (extra_object). As rerankers of runs/shapes's
+  # decoder candidates neither CLIP beat the config's before (8 per two-object prompt, seen /
+  # held-out picks right: 69.5 / 32.0% relocate, 68.0 / 32.8% extra_object, 69.5 / 33.6%
+  # without). The whole chain trained on the relocate CLIP (runs/r1) did better: seen /
+  # held-out / two-object 90.1 / 67.7 / 55.9% and 90.4 / 71.6 / 59.8% over two evaluation
+  # seeds, against 87.8 / 69.8 / 54.7% and 88.5 / 68.2 / 53.9% (runs/shapes); seen
+  # two-object prompts 75.8 / 78.1% against 68.0 / 71.1%, their relation wrong in 3.9 / 7.0%
+  # instead of 11.7% (docs/shapes_experiments.md, 2026-12-06 evening; one training run each).
+  c.clip.relocate_negatives = True
+  c.clip.extra_object_negatives = False   # not tried through the chain
   c.clip.model = dict(
       embed_dim=64,
       text=dict(width=64, depth=2, heads=2, vocab_size=49408, activation='quick_gelu'),

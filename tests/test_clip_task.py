@@ -391,7 +391,8 @@ def test_mirror_negatives_flag_exactly_the_captions_the_mirror_makes_false(mode)
   config = shapes.get_config()
   config.unlock()
   config.clip.mirror_negatives = mode
-  config.clip.colour_swap_negatives = False   # the mirror alone (colour swaps: test below)
+  config.clip.colour_swap_negatives = False   # the mirror alone (the other kinds: below)
+  config.clip.relocate_negatives = False
   examples = [cs.make_example('train', i) for i in range(160)]
   batch = {k: np.stack([e[k] for e in examples]) for k in
            ('objects', 'num_objects', 'relation', 'names', 'image')}
@@ -427,14 +428,15 @@ def test_mirror_negatives_flag_exactly_the_captions_the_mirror_makes_false(mode)
 
 
 def shapes_negatives_setup(n, **clip_fields):
-  """(config, examples, batch): configs/shapes.py with only the given hard negative images
-  (no recolouring, no negative captions) and a float batch of its first n training
-  examples, tokenized."""
+  """(config, examples, batch): configs/shapes.py with the given hard negative image fields
+  (the relocated and extra-object images off unless given; no recolouring, no negative
+  captions) and a float batch of its first n training examples, tokenized."""
   from configs import shapes  # pylint: disable=g-import-not-at-top
   from dalle2_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from dalle2_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
   config = shapes.get_config()
   config.unlock()
+  config.clip.relocate_negatives = config.clip.extra_object_negatives = False
   for k, v in clip_fields.items():
     config.clip[k] = v
   config.clip.recolour_prob, config.clip.hard_negatives = 0.0, False
