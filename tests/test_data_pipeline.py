@@ -89,6 +89,12 @@ def test_save_restore_resumes_exactly(data_dir):
     for k in want:
       np.testing.assert_array_equal(want[k], got[k])
   assert straight[0]['image'].shape == (16, 32, 32, 3)
+  # Another seed is another data order: its iterator refuses the state (the training loop
+  # turns this into an error naming config.seed).
+  other = pipeline.make_input(config, 'train', global_batch_size=16, mesh=mesh,
+                              image_size=32, seed=1)
+  with pytest.raises(ValueError):
+    other.set_state(state)
 
 
 def test_prepare_hook_and_unshuffled_eval(data_dir):

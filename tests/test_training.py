@@ -235,6 +235,19 @@ def test_checkpoints_export_logs_and_resume_skip(tmp_path):
     checkpoint.load_stage(workdir, 'prior')
 
 
+def test_resuming_with_another_seed(tmp_path):
+  """A finished stage is reused whatever the run's seed (another run's stage linked in); a
+  stage resumed halfway with another seed fails with an error that names the seed."""
+  config = toy.toy_config(steps=4, ckpt_every=4)
+  train(tmp_path, 'seed', config)
+  config.seed = 1
+  _, summary, _ = train(tmp_path, 'seed', config)
+  assert summary['start_step'] == 4 and summary['final_step'] == 4
+  config.toy.steps = 8
+  with pytest.raises(ValueError, match=r'cannot resume.*config\.seed'):
+    train(tmp_path, 'seed', config)
+
+
 def test_image_grid():
   images = np.stack([np.full((2, 2, 3), v) for v in (-1.0, 0.0, 1.0)])
   grid = writers.image_grid(images)

@@ -182,9 +182,11 @@ class FakeInput:
     return sharding_lib.shard_batch(batch, self.mesh)
 
   def get_state(self):
-    return {'index': self.index}
+    return {'index': self.index, 'seed': self.seed}
 
   def set_state(self, state):
+    if int(state['seed']) != self.seed:   # as grain's iterators check their sampler
+      raise ValueError(f'seed in checkpoint {state["seed"]} does not match {self.seed}.')
     self.index = int(state['index'])
 
 

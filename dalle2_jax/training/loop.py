@@ -198,7 +198,6 @@ def train_stage(config, workdir, stage: str, *, task_fn=None, input_fn=None, dev
   if latest is not None:
     logging.info('Resuming stage %s from %s/%d', stage, ckpt.directory, latest)
     state, data_state = ckpt.restore(latest, spec.abstract, spec.shardings)
-    data.set_state(data_state)
   else:
     state = spec.init_fn(jax.random.key(seed))
     data.set_state(data_start)
@@ -221,6 +220,17 @@ def train_stage(config, workdir, stage: str, *, task_fn=None, input_fn=None, dev
     ckpt.close()
     summary['wall_time'] = time.perf_counter() - wall_start
     return summary
+  if latest is not None:   # a finished stage needs no input (it may be another run's)
+    try:
+      data.set_state(data_state)
+    except ValueError as e:
+      ckpt.close()
+      raise ValueError(
+          f'Stage {stage}: the input pipeline cannot resume from {ckpt.directory}/{latest}: '
+          f'{e} The checkpoint was written with another data order: this run\'s seed '
+          '(--config.seed) or data settings differ from those it was trained with (the '
+          'checkpoint holds its config). Resume with those, or train into a new --workdir.'
+      ) from e
 
   # One train step, compiled ahead of time; the state is donated (updated in place).
   replicated = sharding_lib.replicated(mesh)
