@@ -84,7 +84,8 @@ def get_config(arg=None):
   c.prior.model = dict(width=1024, depth=16, heads=16, cond_drop_prob=0.1,
                        activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
                        attention_impl='xla',   # 'cudnn': fused flash attention, NVIDIA GPUs
-                       embed_norm='l2')   # 'l2' (x sqrt(dim)) or 'standardize'
+                       embed_norm='l2',   # 'l2' (x sqrt(dim)) or 'standardize'
+                       text_encodings=True)   # the caption's tokens too (the paper's)
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)
   c.prior.sample = dict(sampler='ddim', steps=64, guidance_scale=1.0, num_candidates=2)

@@ -92,7 +92,8 @@ def get_config(arg=None):
   c.prior.model = dict(width=2048, depth=24, heads=32, mlp_dim=6144, cond_drop_prob=0.1,
                        activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
                        attention_impl='xla',   # 'cudnn': fused flash attention, NVIDIA GPUs
-                       embed_norm='l2')
+                       embed_norm='l2',
+                       text_encodings=True)   # the caption's token encodings too (Sec. 2.1)
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)
   c.prior.sample = dict(sampler='ddim', steps=64, spacing='linspace', guidance_scale=1.0,

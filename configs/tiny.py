@@ -90,7 +90,8 @@ def get_config(arg=None):
                        activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
                        attention_impl='xla',   # 'cudnn': fused, NVIDIA GPUs in bfloat16
                        embed_norm='l2',        # 'l2' (x sqrt(dim)) or 'standardize'
-                       stats_examples=4096)    # standardize: training examples for mean/std
+                       stats_examples=4096,    # standardize: training examples for mean/std
+                       text_encodings=True)    # False: the pooled text embedding alone
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)
   # sampler: 'ddim' | 'ddpm' | 'dpmpp_2m'; spacing: 'trailing' | 'leading' | 'linspace'

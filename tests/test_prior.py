@@ -126,16 +126,40 @@ def test_model_is_causal_masks_padding_and_drops_text():
   assert np.abs(d1 - out).max() > 1e-3
 
 
-def test_flops_match_xla():
+def test_model_without_text_encodings_reads_the_text_embedding_only():
+  net = prior_lib.PriorTransformer(embed_dim=8, width=16, depth=2, num_heads=2,
+                                   context_length=5, text_width=12, text_encodings=False)
+  rng = np.random.default_rng(0)
+  b = 3
+  x, emb = rng.normal(size=(b, 8)), rng.normal(size=(b, 8))
+  enc, mask = rng.normal(size=(b, 5, 12)), np.array([[1, 1, 1, 0, 0]] * b, bool)
+  t, keep = np.array([0, 500, 999]), np.zeros(b, bool)
+  params = net.init(jax.random.PRNGKey(0), x, t, emb, enc, mask, keep)
+  names = set(params['params'])
+  assert not names & {'text_enc_proj', 'null_text_encodings'} and 'null_text_embed' in names
+  assert params['params']['position_embedding'].value.shape == (4, 16)
+  f = jax.jit(lambda *a: net.apply(params, *a))
+  out = f(x, t, emb, enc, mask, keep)
+  np.testing.assert_allclose(f(x, t, emb, enc + 1.0, ~mask, keep), out, atol=1e-5)
+  assert np.abs(f(x, t, emb + 1, enc, mask, keep) - out).max() > 1e-3
+  drop = np.ones(b, bool)   # dropped rows ignore the text embedding too
+  np.testing.assert_allclose(f(x, t, emb + 3, enc, mask, drop), f(x, t, emb, enc, mask, drop),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize('text_encodings', [True, False])
+def test_flops_match_xla(text_encodings):
   b, e, w, depth, length, tw = 2, 64, 128, 2, 16, 64   # matmuls dominate elementwise ops
   net = prior_lib.PriorTransformer(embed_dim=e, width=w, depth=depth, num_heads=4,
-                                   context_length=length, text_width=tw)
+                                   context_length=length, text_width=tw,
+                                   text_encodings=text_encodings)
   args = (jnp.zeros((b, e)), jnp.zeros((b,), jnp.int32), jnp.zeros((b, e)),
           jnp.zeros((b, length, tw)), jnp.ones((b, length), bool), jnp.zeros((b,), bool))
   params = net.init(jax.random.PRNGKey(0), *args)
   cost = jax.jit(net.apply).lower(params, *args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  analytic = prior_lib.flops_per_example(e, w, depth, length, tw)
+  analytic = prior_lib.flops_per_example(e, w, depth, length, tw,
+                                         text_encodings=text_encodings)
   assert analytic == pytest.approx(float(cost['flops']) / b, rel=0.15)
 
 
@@ -243,8 +267,10 @@ def test_candidates_best_of_n_and_guidance(clip_workdir):
   np.testing.assert_allclose(jnp.linalg.norm(best, axis=-1), 1.0, rtol=1e-5)
 
 
-def test_trained_prior_beats_text_embedding_baseline(clip_workdir, tmp_path):
+@pytest.mark.parametrize('text_encodings', [True, False])
+def test_trained_prior_beats_text_embedding_baseline(clip_workdir, tmp_path, text_encodings):
   c = make_config('standardize', steps=150)
+  c.prior.model.text_encodings = text_encodings
   c.prior.clip_checkpoint = os.path.join(clip_workdir, 'clip', 'export')
   tokens, images = pairs()
   frozen_clip = clip_lib.FrozenClip.load(c.prior.clip_checkpoint)

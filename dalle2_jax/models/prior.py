@@ -4,7 +4,9 @@ Token sequence (unCLIP, Ramesh et al. 2022, Sec. 2.1 and App. C), in this order:
 
   [text_encodings (L tokens), text_embed, timestep embedding, noised image embed, query]
 
-each projected to `width`, plus a learned position embedding. A causal transformer
+each projected to `width`, plus a learned position embedding. With `text_encodings=False` the
+L token encodings are left out and the prior sees the caption only through CLIP's pooled text
+embedding (not the paper's; configs/shapes.py says why). A causal transformer
 (`layers.Transformer`, pre-LN, causal mask combined with the text padding mask) runs over it;
 the output at the final learned query, after a LayerNorm and a linear head, is the model's
 prediction of the objective (x0 in the paper: the clean, normalised image embedding). Only
@@ -20,6 +22,7 @@ Params (logical axis names in brackets):
       kernels ('embed' or None, 'embed')
   null_text_encodings [L, text_width] (None, 'embed'), null_text_embed [D] ('embed',),
   query [width] ('embed',), position_embedding [L + 4, width] (None, 'embed')
+  (text_encodings=False: no text_enc_proj or null_text_encodings, position_embedding [4, width])
   transformer/layers_i/...  (see layers.py), ln_final, head (Dense to D)
 """
 
@@ -60,6 +63,8 @@ class PriorTransformer(nn.Module):
       stays 'gelu' (erf), which priors trained before the config field existed used.
     remat: rematerialise the transformer blocks.
     attention_impl: the transformer's attention, 'xla' or 'cudnn' (layers.MultiHeadAttention).
+    text_encodings: whether the caption's token encodings are in the sequence (the paper's
+      prior); False: the pooled text embedding alone (text_encodings and text_mask ignored).
   """
   embed_dim: int
   width: int
@@ -71,6 +76,7 @@ class PriorTransformer(nn.Module):
   activation: str = 'gelu'
   remat: bool = False
   attention_impl: str = 'xla'
+  text_encodings: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -94,18 +100,23 @@ class PriorTransformer(nn.Module):
         nn.initializers.normal(std), names)
 
     text_mask = jnp.asarray(text_mask, jnp.bool_)
+    if not self.text_encodings:
+      text_encodings, text_mask = text_encodings[:, :0], text_mask[:, :0]
     if drop_cond is not None:
       drop = jnp.asarray(drop_cond, jnp.bool_)
-      null_enc = self.param('null_text_encodings', pinit((None, 'embed')),
-                            (self.context_length, self.text_width), self.param_dtype)
       null_emb = self.param('null_text_embed', pinit(('embed',)), (self.embed_dim,),
                             self.param_dtype)
-      text_encodings = jnp.where(drop[:, None, None], null_enc[None].astype(self.dtype),
-                                 text_encodings)
       text_embed = jnp.where(drop[:, None], null_emb[None].astype(self.dtype), text_embed)
-      text_mask = jnp.where(drop[:, None], True, text_mask)
+      if self.text_encodings:
+        null_enc = self.param('null_text_encodings', pinit((None, 'embed')),
+                              (self.context_length, self.text_width), self.param_dtype)
+        text_encodings = jnp.where(drop[:, None, None], null_enc[None].astype(self.dtype),
+                                   text_encodings)
+        text_mask = jnp.where(drop[:, None], True, text_mask)
 
-    enc = dense(self.width, (None, 'embed'), name='text_enc_proj')(text_encodings)
+    num_text = text_encodings.shape[1]
+    enc = (dense(self.width, (None, 'embed'), name='text_enc_proj')(text_encodings)
+           if num_text else jnp.zeros((b, 0, self.width), self.dtype))
     emb = dense(self.width, ('embed', 'mlp'), name='text_embed_proj')(text_embed)
     img = dense(self.width, ('embed', 'mlp'), name='image_embed_proj')(x_t)
     temb = layers.timestep_embedding(t, self.width).astype(self.dtype)
@@ -116,7 +127,7 @@ class PriorTransformer(nn.Module):
         enc, emb[:, None], temb[:, None], img[:, None],
         jnp.broadcast_to(query.astype(self.dtype), (b, 1, self.width))], axis=1)
     pos = self.param('position_embedding', pinit((None, 'embed'), 0.01),
-                     (length + 4, self.width), self.param_dtype)
+                     (num_text + 4, self.width), self.param_dtype)
     seq = seq + pos.astype(self.dtype)[None]
     mask = jnp.concatenate([text_mask, jnp.ones((b, 4), jnp.bool_)], axis=1)
     h = layers.Transformer(
@@ -131,9 +142,12 @@ class PriorTransformer(nn.Module):
 
 
 def flops_per_example(embed_dim: int, width: int, depth: int, context_length: int,
-                      text_width: int, mlp_dim: int | None = None) -> float:
+                      text_width: int, mlp_dim: int | None = None,
+                      text_encodings: bool = True) -> float:
   """Analytic forward FLOPs of one prior call (dense matmuls 2mnk + attention 2*2*Lq*Lk*W).
   The last block queries from the final position only (PriorTransformer)."""
+  if not text_encodings:
+    context_length = 0
   flops = 2 * context_length * text_width * width        # text encodings projection
   flops += 2 * 2 * embed_dim * width                      # text embed, image embed projections
   flops += 2 * 2 * width * width                          # timestep MLP

@@ -103,7 +103,8 @@ class PriorTask(base.Task):
         text_width=self.text_width, mlp_dim=m.get('mlp_dim', None),
         activation=m.get('activation', 'gelu'),   # older priors' configs lack the field
         remat=bool(sc.get('remat', False)),
-        attention_impl=m.get('attention_impl', 'xla'), dtype=DTYPES[dtype_name])
+        attention_impl=m.get('attention_impl', 'xla'),
+        text_encodings=bool(m.get('text_encodings', True)), dtype=DTYPES[dtype_name])
     layers.check_attention_impl(self._model.attention_impl, self._model.dtype,
                                 field=f'config.{stage}.model.attention_impl',
                                 dtype_field=f'config.{stage}.dtype')
@@ -242,7 +243,7 @@ class PriorTask(base.Task):
     m = self.stage_config.model
     return prior_lib.flops_per_example(
         self.embed_dim, int(m.width), int(m.depth), self.context_length, self.text_width,
-        m.get('mlp_dim', None))
+        m.get('mlp_dim', None), text_encodings=bool(m.get('text_encodings', True)))
 
   # --- sampling ---------------------------------------------------------------------------
   def sample_image_embed(self, params, frozen, tokens, rng, steps: int | None = None,
