@@ -167,7 +167,18 @@ def get_config(arg=None):
                        activation='gelu_tanh',   # MLP activation (layers.ACTIVATIONS)
                        attention_impl='xla',     # 'cudnn': fused, NVIDIA GPUs in bfloat16
                        embed_norm='standardize',   # 'l2' (x sqrt(dim)) or 'standardize'
-                       stats_examples=4096)        # standardize: training examples used
+                       stats_examples=4096,        # standardize: training examples used
+                       # The pooled text embedding only, not the paper's token encodings
+                       # too: with them the prior lost the text embedding's colour binding
+                       # on held-out pairs (python -m dalle2_jax.tasks.prior, runs/s43's
+                       # CLIP, three prior seeds each: heldout 61.5 / 64.6 / 65.0% against
+                       # 74.3 / 70.8 / 72.1% without, the text embedding's own 75.2%; test
+                       # 87.4 / 88.5 / 88.5% against 90.7 / 89.1 / 88.5%), its samples were
+                       # no nearer the true embeddings (heldout cosine 0.889 / 0.882 / 0.888
+                       # against 0.895 / 0.893 / 0.889), and its steps cost 1.5x (36
+                       # positions instead of 4). Measured at the prior only; no chain yet
+                       # (docs/shapes_experiments.md, 2026-12-06 afternoon).
+                       text_encodings=False)
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)
   # sampler: 'ddim' | 'ddpm' | 'dpmpp_2m'; spacing: 'trailing' | 'leading' | 'linspace'
