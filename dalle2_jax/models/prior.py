@@ -114,9 +114,8 @@ class PriorTransformer(nn.Module):
                                    text_encodings)
         text_mask = jnp.where(drop[:, None], True, text_mask)
 
-    num_text = text_encodings.shape[1]
     enc = (dense(self.width, (None, 'embed'), name='text_enc_proj')(text_encodings)
-           if num_text else jnp.zeros((b, 0, self.width), self.dtype))
+           if self.text_encodings else jnp.zeros((b, 0, self.width), self.dtype))
     emb = dense(self.width, ('embed', 'mlp'), name='text_embed_proj')(text_embed)
     img = dense(self.width, ('embed', 'mlp'), name='image_embed_proj')(x_t)
     temb = layers.timestep_embedding(t, self.width).astype(self.dtype)
@@ -127,7 +126,7 @@ class PriorTransformer(nn.Module):
         enc, emb[:, None], temb[:, None], img[:, None],
         jnp.broadcast_to(query.astype(self.dtype), (b, 1, self.width))], axis=1)
     pos = self.param('position_embedding', pinit((None, 'embed'), 0.01),
-                     (num_text + 4, self.width), self.param_dtype)
+                     (enc.shape[1] + 4, self.width), self.param_dtype)
     seq = seq + pos.astype(self.dtype)[None]
     mask = jnp.concatenate([text_mask, jnp.ones((b, 4), jnp.bool_)], axis=1)
     h = layers.Transformer(

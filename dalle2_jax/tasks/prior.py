@@ -243,7 +243,7 @@ class PriorTask(base.Task):
     m = self.stage_config.model
     return prior_lib.flops_per_example(
         self.embed_dim, int(m.width), int(m.depth), self.context_length, self.text_width,
-        m.get('mlp_dim', None), text_encodings=bool(m.get('text_encodings', True)))
+        m.get('mlp_dim', None), text_encodings=self._model.text_encodings)
 
   # --- sampling ---------------------------------------------------------------------------
   def sample_image_embed(self, params, frozen, tokens, rng, steps: int | None = None,
