@@ -178,8 +178,9 @@ def get_config(arg=None):
                        # against 0.895 / 0.893 / 0.889), and its steps cost 1.5x (36
                        # positions instead of 4). Its first chain (runs/shapes, seed 0): prior
                        # colour binding heldout 75.7% (text 79.6%); evaluate --num_prompts 64
-                       # seen / held-out / two-object 91.1 / 73.4 / 59.4% (docs/
-                       # shapes_experiments.md, 2026-12-06 afternoon and evening).
+                       # seen / held-out / two-object 91.1 / 73.4 / 59.4%; seed 1 (runs/s1):
+                       # prior 76.5%, chain 89.1 / 61.5 / 50.8%, its CLIP weaker on held-out
+                       # pairs (docs/shapes_experiments.md, 2026-12-06 afternoon to night).
                        text_encodings=False)
   c.prior.diffusion = dict(schedule='cosine', timesteps=1000, objective='x0',
                            learned_variance=False)
