@@ -98,10 +98,11 @@ def get_config(arg=None):
   # 97.6% and 84.7 / 92.7 / 92.4% against 94.0 / 94.7 / 83.3% and 84.7 / 88.0 / 80.5%, on
   # `test` 99.2 / 100 / 99.5% and 99.2 / 100 / 97.7% against 93.9 / 98.1 / 92.1% and 89.3 /
   # 98.1 / 90.2%; the prior trained on it binds held-out colours at 86.3 and 80.5% against
-  # 75.7 and 76.5% (python -m dalle2_jax.tasks.prior). Seed 1's whole chain on it (runs/c6k1,
-  # 2026-12-06 before midnight; python -m dalle2_jax.evaluate --num_prompts 64, sampling
-  # seeds 0 and 1): seen / held-out / two-object 90.1 / 72.4 / 58.6% (on 4000 CLIP steps,
-  # sampling seed 0: 89.1 / 61.5 / 50.8%); the chain takes about 2 h 50 min on an AMD EPYC.
+  # 75.7 and 76.5% (python -m dalle2_jax.tasks.prior). The whole chain on it (python -m
+  # dalle2_jax.evaluate --num_prompts 64, sampling seeds 0 and 1), seen / held-out /
+  # two-object: seed 0 (runs/c6k0, the README's run) 93.5 / 75.8 / 65.2%, seed 1 (runs/c6k1)
+  # 90.1 / 72.4 / 58.6% (on 4000 CLIP steps, sampling seed 0: 91.1 / 73.4 / 59.4% and 89.1 /
+  # 61.5 / 50.8%); the chain takes about 2 h 50 min on an AMD EPYC.
   c.clip = stage('clip', steps=6000, batch_size=128, lr=1e-3, ema_decay=0.995)
   c.clip.image_size = 64
   c.clip.optim.weight_decay = 0.05
