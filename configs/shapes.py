@@ -214,7 +214,9 @@ def get_config(arg=None):
   # 0.26. runs/s26's 10000-step decoder resumed to 15000 (runs/s28) scored seen / held-out /
   # two-object 86.2 / 63.5 / 44.5% against 81.0 / 60.2 / 37.9% (128 prompts a row), past
   # the 2-hour budget on the Xeon; on to 20000 (runs/s29) 84.6 / 65.6 / 44.1%, no more gain
-  # beyond the noise (docs/shapes_experiments.md).
+  # beyond the noise (docs/shapes_experiments.md). On this config's 6000-step CLIP and prior
+  # (runs/c6k0, 2 sampling seeds), 10000 steps again fell short: 91.2 / 70.3 / 59.0%
+  # against 15000's 93.5 / 75.8 / 65.2% (103 min at another AMD EPYC's 0.41 s/step).
   c.decoder = stage('decoder', steps=15000, batch_size=16, lr=6e-4, ema_decay=0.999,
                     ema_warmup_steps=200)
   # A quarter of the examples get off-palette colours and colour-free captions (as CLIP's
