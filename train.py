@@ -75,4 +75,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from dalle2_jax import cpu_flags  # pylint: disable=g-import-not-at-top
+  cpu_flags.keep_host_memory()   # before JAX starts any thread
   app.run(main)
