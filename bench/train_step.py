@@ -153,7 +153,9 @@ def main():
   ap.add_argument('--custom_conv_grad', type=int, default=None, help=argparse.SUPPRESS)
   ap.add_argument('--peak', type=float, default=None, help=argparse.SUPPRESS)
   a = ap.parse_args()
-  if a.child:
+  if a.child:   # the host memory setting train.py runs with (dalle2_jax/cpu_flags.py)
+    from dalle2_jax import cpu_flags  # pylint: disable=g-import-not-at-top
+    cpu_flags.keep_host_memory()
     ccg = None if a.custom_conv_grad is None else bool(a.custom_conv_grad)
     print(json.dumps(run_one(a.child, a.steps, a.warmup, ccg, a.peak,
                              matched.cpu_devices(a.child, a.cpu_devices))), flush=True)

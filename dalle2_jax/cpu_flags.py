@@ -14,11 +14,15 @@ config's CLIP step: 350 MB on each of 2 CPU devices) with a fresh mmap, freed wi
 when the step ends, because a thread's own arena cannot hold it. Every step then faults in
 every page again: 170,000 page faults and about a third of the CLIP stage's time in the
 kernel. `keep_host_memory` has glibc keep such blocks in one heap and reuse them: one arena,
-no mmap, no trimming (glibc's M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD). The numbers are
-the same bit for bit; only where the memory comes from changes. It must run before JAX (or
-anything) starts threads, and leaves malloc alone where the user has tuned it already
-(GLIBC_TUNABLES with glibc.malloc, or a MALLOC_*_ variable) or where the C library is not
-glibc. Peak memory stays mapped until the process ends.
+no mmap, no trimming (glibc's M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD). On 2 cores the
+CLIP steps took 14% less time, the upsampler's 13%, the decoder's the same; the prior's
+short steps (55 ms) about 20% more, as one arena serialises small allocations; peak memory
+0.1-0.9 GB more, held until the process ends (docs/shapes_experiments.md, 2026-12-07). The
+numbers computed do not change; only where the memory comes from. It must run before JAX
+(or anything) starts threads, and leaves malloc alone where the user has tuned it already
+(GLIBC_TUNABLES with a glibc.malloc setting, or a MALLOC_* variable; e.g.
+GLIBC_TUNABLES=glibc.malloc.tcache_count=7, glibc's default, keeps glibc's behaviour) or
+where the C library is not glibc.
 """
 
 import ctypes
