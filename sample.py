@@ -274,5 +274,4 @@ def main(argv):
 if __name__ == '__main__':
   from dalle2_jax import cpu_flags  # pylint: disable=g-import-not-at-top
   cpu_flags.use_sampling_flags()
-  cpu_flags.keep_host_memory()
   app.run(main)

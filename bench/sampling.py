@@ -147,10 +147,9 @@ def main():
                   '(default sampling_<backend>.json)')
   ap.add_argument('--child', default='', help=argparse.SUPPRESS)
   a = ap.parse_args()
-  if a.child:   # the settings sample.py runs with (dalle2_jax/cpu_flags.py)
+  if a.child:   # the XLA flags sample.py runs with (dalle2_jax/cpu_flags.py)
     from dalle2_jax import cpu_flags  # pylint: disable=g-import-not-at-top
     cpu_flags.use_sampling_flags()
-    cpu_flags.keep_host_memory()
     print(json.dumps(run_one(a.child, a.repeats)), flush=True)
     return
   import jax  # pylint: disable=g-import-not-at-top

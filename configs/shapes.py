@@ -103,8 +103,8 @@ def get_config(arg=None):
   # two-object: seed 0 (runs/c6k0, the README's run) 93.5 / 75.8 / 65.2%, seed 1 (runs/c6k1)
   # 90.1 / 72.4 / 58.6% (on 4000 CLIP steps, sampling seed 0: 91.1 / 73.4 / 59.4% and 89.1 /
   # 61.5 / 50.8%); the chain takes about 2 h 50 min on an AMD EPYC, about 2 h 40 min since
-  # the entry points keep XLA:CPU's temporaries in one heap (dalle2_jax/cpu_flags.py): this
-  # CLIP stage 45.6 min (runs/k0, zero-shot figures runs/c6k0's to the digit).
+  # train.py keeps XLA:CPU's temporaries in one heap (dalle2_jax/cpu_flags.py): this CLIP
+  # stage 45.6 min (runs/k0, zero-shot figures runs/c6k0's to the digit).
   c.clip = stage('clip', steps=6000, batch_size=128, lr=1e-3, ema_decay=0.995)
   c.clip.image_size = 64
   c.clip.optim.weight_decay = 0.05

@@ -326,6 +326,5 @@ if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   from dalle2_jax import cpu_flags  # pylint: disable=g-import-not-at-top
   cpu_flags.use_sampling_flags()
-  cpu_flags.keep_host_memory()
   _define_flags()
   app.run(main)
