@@ -102,9 +102,11 @@ def get_config(arg=None):
   # dalle2_jax.evaluate --num_prompts 64, sampling seeds 0 and 1), seen / held-out /
   # two-object: seed 0 (runs/c6k0, the README's run) 93.5 / 75.8 / 65.2%, seed 1 (runs/c6k1)
   # 90.1 / 72.4 / 58.6% (on 4000 CLIP steps, sampling seed 0: 91.1 / 73.4 / 59.4% and 89.1 /
-  # 61.5 / 50.8%); the chain takes about 2 h 50 min on an AMD EPYC, about 2 h 40 min since
+  # 61.5 / 50.8%); the chain took about 2 h 50 min on an AMD EPYC, about 2 h 40 min since
   # train.py keeps XLA:CPU's temporaries in one heap (dalle2_jax/cpu_flags.py): this CLIP
-  # stage 45.6 min (runs/k0, zero-shot figures runs/c6k0's to the digit).
+  # stage 45.6 min (runs/k0, zero-shot figures runs/c6k0's to the digit); about 2 h 11 min
+  # with the decoder's attention at 8 x 8 only (below). 5000 steps bound held-out pairs
+  # 92.7 / 96.0 / 92.4% (runs/c5k, 35.7 min), too little for the held-out target.
   c.clip = stage('clip', steps=6000, batch_size=128, lr=1e-3, ema_decay=0.995)
   c.clip.image_size = 64
   c.clip.optim.weight_decay = 0.05
@@ -236,11 +238,14 @@ def get_config(arg=None):
   c.decoder.sample_every = 1000
   c.decoder.clip_checkpoint = ''
   c.decoder.image_size = 32
-  # Attention at 8 x 8 only, (8,), steps 21% faster (0.281 against 0.355 s on a 2-core Xeon)
-  # but scored seen / held-out / two-object 89.3 / 72.9 / 58.6% against 89.3 / 75.5 / 58.2%
+  # Attention at 8 x 8 only (and in the middle), not also at 16 x 16: steps a fifth faster
+  # (0.297 against 0.379 s on an AMD EPYC's 2 cores: 77 min for 15000 instead of about 95).
+  # On runs/c6k0's CLIP and prior (runs/a8; python -m dalle2_jax.evaluate --num_prompts 64)
+  # seen / held-out / two-object 94.8 / 82.3 / 70.3% against (16, 8)'s 92.7 / 76.6 / 65.6%
+  # (sampling seed 0); on an older CLIP 89.3 / 72.9 / 58.6% against 89.3 / 75.5 / 58.2%
   # (runs/s34 against runs/s33, 128 prompts a row; docs/shapes_experiments.md).
   c.decoder.model = dict(
-      channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(16, 8),
+      channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
       head_channels=32, dropout=0.0, num_clip_tokens=4,
       # The embedding also as an 8 x 8 feature map (not in the paper): where two objects go
       # is in it, but far from linearly (docs/shapes_experiments.md); 0-5 points better,
