@@ -242,8 +242,9 @@ def get_config(arg=None):
   # (0.297 against 0.379 s on an AMD EPYC's 2 cores: 77 min for 15000 instead of about 95).
   # On runs/c6k0's CLIP and prior (runs/a8; python -m dalle2_jax.evaluate --num_prompts 64)
   # seen / held-out / two-object 94.8 / 82.3 / 70.3% and 92.2 / 77.1 / 64.8% (sampling seeds
-  # 0 / 1) against (16, 8)'s 92.7 / 76.6 / 65.6% and 94.3 / 75.0 / 64.8%; on an older CLIP 89.3 / 72.9 / 58.6% against 89.3 / 75.5 / 58.2%
-  # (runs/s34 against runs/s33, 128 prompts a row; docs/shapes_experiments.md).
+  # 0 / 1) against (16, 8)'s 92.7 / 76.6 / 65.6% and 94.3 / 75.0 / 64.8%; on an older CLIP
+  # 89.3 / 72.9 / 58.6% against 89.3 / 75.5 / 58.2% (runs/s34 against runs/s33, 128 prompts
+  # a row; docs/shapes_experiments.md).
   c.decoder.model = dict(
       channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
       head_channels=32, dropout=0.0, num_clip_tokens=4,
