@@ -143,6 +143,43 @@ def test_two_object_repeats_oversamples_two_object_scenes(data_dir):
     pipeline.make_input(config, 'train', global_batch_size=8, mesh=mesh, two_object_repeats=0)
 
 
+def test_cache_decoded_gives_the_same_batches_and_reads_each_record_once(data_dir,
+                                                                        monkeypatch):
+  mesh = _mesh(2, (2, 1))
+  calls = []
+  decode = pipeline.decode_image
+  monkeypatch.setattr(pipeline, 'decode_image', lambda *a: calls.append(1) or decode(*a))
+  runs, reads = {}, {}
+  for cache in (False, True):
+    config = _shapes_config(data_dir)
+    config.data.cache_decoded = cache
+    it = pipeline.make_input(config, 'train', global_batch_size=8, mesh=mesh, image_size=32,
+                             two_object_repeats=3)
+    calls.clear()
+    runs[cache] = [_np(next(it)) for _ in range(24)]   # 192 examples: over 3 epochs
+    read = len(calls)
+    runs[cache] += [_np(next(it)) for _ in range(8)]
+    reads[cache] = (read, len(calls))
+  assert reads[False][0] >= 24 * 8          # every example read and decoded
+  # Each of the 40 records once (reader threads may race to the same one), then none.
+  assert reads[True][0] < 56 and reads[True][1] == reads[True][0]
+  for a, b in zip(runs[False], runs[True]):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+  # Cached arrays cannot be changed through a returned record, nor the record through a copy.
+  config = _shapes_config(data_dir)
+  src, _ = pipeline.open_source(config, 'train')
+  decoded = pipeline.DecodedSource(src, 'image', 'caption', 32, pipeline.SHAPES_ATTRIBUTES,
+                                   cache=True)
+  first = decoded[3]
+  first['caption'] = 'changed'
+  assert decoded[3]['caption'] != 'changed'
+  with pytest.raises(ValueError, match='read-only'):
+    decoded[3]['image'][0, 0, 0] = 1
+
+
 # --- a coco_captions-like TFDS dataset --------------------------------------------------
 
 

@@ -20,7 +20,9 @@ per-process batch of global_batch_size / process_count; the global arrays are sh
 mesh axes ('data', 'fsdp') on the batch dimension. Training input repeats epochs forever.
 Images that cannot be decoded are skipped with a warning (and counted in `it.num_skipped`
 when worker_count is 0); grayscale, palette and RGBA images are converted to RGB; empty
-captions are valid.
+captions are valid. config.data.cache_decoded (default False) keeps each decoded record in
+host memory after its first read (the split's images at the stage's size, H x W x 3 bytes
+each), for splits small enough that reading and decoding them every epoch is the cost.
 """
 
 from __future__ import annotations
@@ -279,15 +281,20 @@ class DecodedSource:
   Decoding happens here, in grain's reader threads (PIL releases the GIL while decoding), so
   several cores decode at once even with worker_count = 0. An undecodable image gives a
   record with valid=False (dropped by the pipeline) and a warning.
+
+  cache: keep each decoded record in memory after its first read (config.data.
+  cache_decoded), so later epochs neither read nor decode it; its arrays are read-only.
   """
 
-  def __init__(self, source, image_key, caption_key, image_size, extra_keys=()):
+  def __init__(self, source, image_key, caption_key, image_size, extra_keys=(),
+               cache: bool = False):
     self.source = source
     self.image_key = image_key
     self.caption_key = caption_key
     self.image_size = image_size
     self.extra_keys = tuple(extra_keys)
     self.num_skipped = 0
+    self._cache = {} if cache else None
 
   def __len__(self):
     return len(self.source)
@@ -297,6 +304,20 @@ class DecodedSource:
             f'caption_key={self.caption_key!r}, image_size={self.image_size})')
 
   def __getitem__(self, index):
+    if self._cache is not None:
+      cached = self._cache.get(index)
+      if cached is not None:
+        return dict(cached)
+    out = self._decode(index)
+    if self._cache is not None and out['valid']:
+      for v in out.values():
+        if isinstance(v, np.ndarray):
+          v.flags.writeable = False
+      self._cache[index] = out
+      return dict(out)
+    return out
+
+  def _decode(self, index):
     element = self.source[index]
     out = {'caption': _get_path(element, self.caption_key)}
     try:
@@ -503,28 +524,30 @@ def make_input(config, split: str, *, global_batch_size: int, mesh, image_size=N
         f'the {shards} devices of the mesh axes {BATCH_AXES}; change the stage batch_size.')
   per_process = global_batch_size // n_proc
   src, builder = open_source(config, split)
+  if extra_keys is None:
+    extra_keys = SHAPES_ATTRIBUTES if config.data.name == 'captioned_shapes' else ()
+  decoded = DecodedSource(src, config.data.image_key, config.data.caption_key, image_size,
+                          extra_keys, cache=bool(_get(config.data, 'cache_decoded', False)))
+  records = decoded   # what the sampler indexes
   two_object_repeats = int(two_object_repeats)
   if two_object_repeats != 1:
     if two_object_repeats < 1 or config.data.name != 'captioned_shapes':
       raise ValueError(f'two_object_repeats={two_object_repeats}: needs an integer >= 1 and '
                        f'captioned_shapes data (config.data.name={config.data.name!r}); '
                        'set the stage\'s two_object_repeats to 1.')
-    src = RepeatedSource(src, two_object_table(src, two_object_repeats))
-  if extra_keys is None:
-    extra_keys = SHAPES_ATTRIBUTES if config.data.name == 'captioned_shapes' else ()
+    records = RepeatedSource(decoded, two_object_table(src, two_object_repeats))
   tok = tokenizer_lib.Tokenizer.from_config(config)
-  decoded = DecodedSource(src, config.data.image_key, config.data.caption_key, image_size,
-                          extra_keys)
   shard_options = grain.ShardOptions(shard_index=proc, shard_count=n_proc, drop_remainder=True)
-  if len(src) // n_proc < per_process:
+  if len(records) // n_proc < per_process:
     logging.warning('Split %r has %d records for %d processes: fewer than one batch of %d '
-                    'per process (batches span epochs).', split, len(src), n_proc, per_process)
-  sampler = grain.IndexSampler(num_records=len(src), shard_options=shard_options,
+                    'per process (batches span epochs).', split, len(records), n_proc,
+                    per_process)
+  sampler = grain.IndexSampler(num_records=len(records), shard_options=shard_options,
                                shuffle=shuffle, num_epochs=num_epochs, seed=seed)
   ops = [_PickCaption(), _IsValid(), grain.Batch(per_process, drop_remainder=True),
          _FinishBatch(tok)]
   worker_count = int(_get(config.data, 'worker_count', 0) or 0)
-  loader = grain.DataLoader(data_source=decoded, sampler=sampler, operations=ops,
+  loader = grain.DataLoader(data_source=records, sampler=sampler, operations=ops,
                             worker_count=worker_count, shard_options=shard_options,
                             read_options=read_options(config))
   description = (f'{builder.info.name}/{builder.builder_config.name if builder.builder_config else ""}'
