@@ -38,6 +38,11 @@ def get_config(arg=None):
       caption_key='caption',
       image_size=64,             # default size; a stage may set its own image_size
       worker_count=0,            # grain worker processes (0 = in the main process)
+      # Decoded records kept in memory after their first read (the 50,000 training
+      # images, 0.6 GB at 64 px): CLIP steps 0.34-0.35 s instead of 0.43-0.44 after the
+      # first epoch, 0.37-0.38 instead of 0.43 in it (steps 450-700 and 50-400 of 700, two
+      # runs each, an AMD EPYC's 2 cores; peak memory 3.0-3.3 GB against 2.5-2.6).
+      cache_decoded=True,
       # captioned_shapes generation (ignored by other datasets)
       shapes=dict(seed=0, num_train=50000, num_test=1000, num_heldout=1000),
   )
@@ -105,7 +110,9 @@ def get_config(arg=None):
   # 61.5 / 50.8%); the chain took about 2 h 50 min on an AMD EPYC, about 2 h 40 min since
   # train.py keeps XLA:CPU's temporaries in one heap (dalle2_jax/cpu_flags.py): this CLIP
   # stage 45.6 min (runs/k0, zero-shot figures runs/c6k0's to the digit); about 2 h 11 min
-  # with the decoder's attention at 8 x 8 only (below). 5000 steps bound held-out pairs
+  # with the decoder's attention at 8 x 8 only (below); about 1 h 54 min with 13000 decoder
+  # steps and the records kept in memory (data.cache_decoded: this stage about 37 min,
+  # from 700-step runs). 5000 steps bound held-out pairs
   # 92.7 / 96.0 / 92.4% (runs/c5k, 35.7 min), too little for the held-out target.
   c.clip = stage('clip', steps=6000, batch_size=128, lr=1e-3, ema_decay=0.995)
   c.clip.image_size = 64
@@ -209,8 +216,9 @@ def get_config(arg=None):
 
   # Decoder: 32 px ADM UNet conditioned on the CLIP image embedding (+ caption tokens). CLIP
   # embeds the 64 px image (tasks/decoder.py: input_image_size), the target is it at 32 px.
-  # Batch 16 runs 2.5x the steps/s of batch 32 on 2 cores (1.8 vs 0.72), so more examples
-  # and updates fit in the same time (2 devices: num_cpu_devices). What the whole chain
+  # Batch 16: batch 24 steps in 0.43 s against 0.29 (the first 850 steps of each, an AMD
+  # EPYC's 2 cores, 2 devices: num_cpu_devices), 56 against 54 examples/s, so a larger
+  # batch buys no examples, only fewer updates (runs/b24, stopped). What the whole chain
   # scores, and what each decoder setting below changed, is in the README and
   # docs/shapes_experiments.md (python -m dalle2_jax.evaluate). lr 6e-4: on one CLIP and
   # prior, 6e-4 and 1e-3 both scored above 3e-4 (two-object prompts 18.8 / 18.4% vs 13.3%).
@@ -221,7 +229,11 @@ def get_config(arg=None):
   # beyond the noise (docs/shapes_experiments.md). On this config's 6000-step CLIP and prior
   # (runs/c6k0, 2 sampling seeds), 10000 steps again fell short: 91.2 / 70.3 / 59.0%
   # against 15000's 93.5 / 75.8 / 65.2% (103 min at another AMD EPYC's 0.41 s/step).
-  c.decoder = stage('decoder', steps=15000, batch_size=16, lr=6e-4, ema_decay=0.999,
+  # 13000 with attention at 8 x 8 only (runs/d13 on runs/a8's CLIP, prior and upsampler;
+  # 69.7 min on an AMD EPYC, 0.306 s/step): 93.8 / 76.6 / 66.4% over sampling seeds 0 / 1
+  # against 15000's 93.5 / 79.7 / 67.6% (runs/a8, 77.4 min), held-out 79.7 / 73.4% by seed:
+  # 8 min for about 3 points of held-out pairs, which puts the chain under 2 hours.
+  c.decoder = stage('decoder', steps=13000, batch_size=16, lr=6e-4, ema_decay=0.999,
                     ema_warmup_steps=200)
   # A quarter of the examples get off-palette colours and colour-free captions (as CLIP's
   # recolour_prob): every shape is drawn in many colours, taken from the image embedding.
