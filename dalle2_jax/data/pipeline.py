@@ -304,18 +304,18 @@ class DecodedSource:
             f'caption_key={self.caption_key!r}, image_size={self.image_size})')
 
   def __getitem__(self, index):
-    if self._cache is not None:
-      cached = self._cache.get(index)
-      if cached is not None:
-        return dict(cached)
-    out = self._decode(index)
-    if self._cache is not None and out['valid']:
-      for v in out.values():
+    if self._cache is None:
+      return self._decode(index)
+    record = self._cache.get(index)
+    if record is None:
+      record = self._decode(index)
+      if not record['valid']:
+        return record
+      for v in record.values():
         if isinstance(v, np.ndarray):
           v.flags.writeable = False
-      self._cache[index] = out
-      return dict(out)
-    return out
+      self._cache[index] = record
+    return dict(record)   # the caller may replace keys (_PickCaption), not the cache's
 
   def _decode(self, index):
     element = self.source[index]
