@@ -110,9 +110,9 @@ def get_config(arg=None):
   # 61.5 / 50.8%); the chain took about 2 h 50 min on an AMD EPYC, about 2 h 40 min since
   # train.py keeps XLA:CPU's temporaries in one heap (dalle2_jax/cpu_flags.py): this CLIP
   # stage 45.6 min (runs/k0, zero-shot figures runs/c6k0's to the digit); about 2 h 11 min
-  # with the decoder's attention at 8 x 8 only (below); about 1 h 54 min with 13000 decoder
-  # steps and the records kept in memory (data.cache_decoded: this stage about 37 min,
-  # from 700-step runs). 5000 steps bound held-out pairs 92.7 / 96.0 / 92.4% (runs/c5k,
+  # with the decoder's attention at 8 x 8 only (below); 1 h 45 min in one go with 13000
+  # decoder steps and the records kept in memory (runs/e53; data.cache_decoded: this stage
+  # 33.4 min, 0.325 s/step, the same weights to the byte). 5000 steps bound held-out pairs 92.7 / 96.0 / 92.4% (runs/c5k,
   # 35.7 min), too little for the held-out target.
   c.clip = stage('clip', steps=6000, batch_size=128, lr=1e-3, ema_decay=0.995)
   c.clip.image_size = 64
@@ -232,7 +232,8 @@ def get_config(arg=None):
   # 13000 with attention at 8 x 8 only (runs/d13 on runs/a8's CLIP, prior and upsampler;
   # 69.7 min on an AMD EPYC, 0.306 s/step): 93.8 / 76.6 / 66.4% over sampling seeds 0 / 1
   # against 15000's 93.5 / 79.7 / 67.6% (runs/a8, 77.4 min), held-out 79.7 / 73.4% by seed:
-  # 8 min for about 3 points of held-out pairs, which puts the chain under 2 hours.
+  # 8 min for about 3 points of held-out pairs. The whole chain in one go (runs/e53, the
+  # records kept in memory): decoder 63.8 min (0.280 s/step), chain 1 h 45 min.
   c.decoder = stage('decoder', steps=13000, batch_size=16, lr=6e-4, ema_decay=0.999,
                     ema_warmup_steps=200)
   # A quarter of the examples get off-palette colours and colour-free captions (as CLIP's
