@@ -233,7 +233,9 @@ def get_config(arg=None):
   # 69.7 min on an AMD EPYC, 0.306 s/step): 93.8 / 76.6 / 66.4% over sampling seeds 0 / 1
   # against 15000's 93.5 / 79.7 / 67.6% (runs/a8, 77.4 min), held-out 79.7 / 73.4% by seed:
   # 8 min for about 3 points of held-out pairs. The whole chain in one go (runs/e53, the
-  # records kept in memory): decoder 63.8 min (0.280 s/step), chain 1 h 45 min.
+  # records kept in memory): decoder 63.8 min (0.280 s/step), chain 1 h 45 min; over
+  # sampling seeds 0-3 93.3 / 77.5 / 67.8% against 15000's 94.8 / 79.4 / 70.3% (about 1 h
+  # 55 min projected, too near the 2-hour budget).
   c.decoder = stage('decoder', steps=13000, batch_size=16, lr=6e-4, ema_decay=0.999,
                     ema_warmup_steps=200)
   # A quarter of the examples get off-palette colours and colour-free captions (as CLIP's
