@@ -112,8 +112,8 @@ def get_config(arg=None):
   # stage 45.6 min (runs/k0, zero-shot figures runs/c6k0's to the digit); about 2 h 11 min
   # with the decoder's attention at 8 x 8 only (below); 1 h 45 min in one go with 13000
   # decoder steps and the records kept in memory (runs/e53; data.cache_decoded: this stage
-  # 33.4 min, 0.325 s/step, the same weights to the byte). 5000 steps bound held-out pairs 92.7 / 96.0 / 92.4% (runs/c5k,
-  # 35.7 min), too little for the held-out target.
+  # 33.4 min, 0.325 s/step, the same weights to the byte). 5000 steps bound held-out pairs
+  # 92.7 / 96.0 / 92.4% (runs/c5k, 35.7 min), too little for the held-out target.
   c.clip = stage('clip', steps=6000, batch_size=128, lr=1e-3, ema_decay=0.995)
   c.clip.image_size = 64
   c.clip.optim.weight_decay = 0.05
