@@ -31,6 +31,7 @@ def get_config(arg=None):
       caption_key='captions/text',   # five captions per image: one is picked per example
       image_size=64,             # default size; a stage may set its own image_size
       worker_count=8,            # grain worker processes (0 = in the main process)
+      cache_decoded=False,       # keep decoded records in memory (per worker process)
       # captioned_shapes generation (ignored by other datasets)
       shapes=dict(seed=0, num_train=512, num_test=128, num_heldout=128),
   )

@@ -41,6 +41,7 @@ def get_config(arg=None):
       caption_key='caption',
       image_size=256,            # default size; a stage may set its own image_size
       worker_count=16,           # grain worker processes (0 = in the main process)
+      cache_decoded=False,       # keep decoded records in memory (per worker process)
       shapes=dict(seed=0, num_train=512, num_test=128, num_heldout=128),
   )
   c.tokenizer = dict(path='', context_length=77)   # '' = packaged OpenAI CLIP BPE

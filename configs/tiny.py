@@ -29,6 +29,7 @@ def get_config(arg=None):
       caption_key='caption',
       image_size=64,             # default size; a stage may set its own image_size
       worker_count=0,            # grain worker processes (0 = in the main process)
+      cache_decoded=False,       # keep decoded records in memory after their first read
       # captioned_shapes generation (ignored by other datasets)
       shapes=dict(seed=0, num_train=512, num_test=128, num_heldout=128),
   )

@@ -283,7 +283,8 @@ class DecodedSource:
   record with valid=False (dropped by the pipeline) and a warning.
 
   cache: keep each decoded record in memory after its first read (config.data.
-  cache_decoded), so later epochs neither read nor decode it; its arrays are read-only.
+  cache_decoded), so later epochs neither read nor decode it; its arrays are read-only. With
+  grain worker processes (worker_count > 0) each process keeps its own copy.
   """
 
   def __init__(self, source, image_key, caption_key, image_size, extra_keys=(),
